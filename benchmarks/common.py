@@ -1,0 +1,84 @@
+"""Shared timing and ceiling helpers for the benchmark suites.
+
+Every suite ``benchmarks/bench_<op>.py`` exposes
+    check(device, dtypes) -> list[dict]   correctness rows: op, case, dtype, max_err, tol, ok
+    run(device, dtypes, quick, ceilings) -> list[dict]   timing rows made by ``timing_row``
+and pytest-benchmark tests (``pytest benchmarks/bench_<op>.py``) that skip cleanly without CUDA.
+``fastgpt bench`` and ``benchmarks/gpu_check.py`` compose those functions.
+
+Speed numbers are medians: ``triton.testing.do_bench`` on CUDA (it warms up and flushes L2 between
+runs), a perf_counter loop on CPU. Ceilings are measured on the same device in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def bench_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 5) -> float:
+    """Median wall time of fn() in milliseconds."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()  # warm-up (allocations, lazy init)
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < min_reps or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: str | torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth in GB/s, counting bytes read + written (the roofline for memory-bound ops)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        nbytes = min(nbytes, 256 << 20)
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(device: str | torch.device, dtype=torch.bfloat16, n: int = 8192) -> float:
+    """Measured dense matmul throughput (TFLOP/s) of an n x n x n product in dtype (the compute roofline)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = bench_ms(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def measure_ceilings(device: str | torch.device) -> dict:
+    """Ceilings for this run: copy GB/s always; bf16 matmul TFLOP/s on CUDA only."""
+    device = torch.device(device)
+    out = {"copy_gbs": copy_bandwidth_gbs(device)}
+    if device.type == "cuda":
+        out["matmul_tflops"] = matmul_tflops(device)
+    return out
+
+
+def timing_row(op: str, shape: str, dtype, ours_ms: float, peer: str, peer_ms: float | None,
+               work: float, unit: str, ceilings: dict | None) -> dict:
+    """One result row. work is FLOPs (unit "TFLOP/s") or bytes moved (unit "GB/s") per call."""
+    scale = 1e12 if unit == "TFLOP/s" else 1e9
+    achieved = work / (ours_ms * 1e-3) / scale
+    ceiling = None
+    if ceilings:
+        ceiling = ceilings.get("matmul_tflops") if unit == "TFLOP/s" else ceilings.get("copy_gbs")
+    return {
+        "op": op,
+        "shape": shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "ours_ms": ours_ms,
+        "peer": peer,
+        "peer_ms": peer_ms,
+        "speedup": (peer_ms / ours_ms) if peer_ms else None,
+        "achieved": achieved,
+        "unit": unit,
+        "pct_ceiling": (100.0 * achieved / ceiling) if ceiling else None,
+    }

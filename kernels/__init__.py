@@ -1,0 +1,186 @@
+"""fastgpt's fused ops: the public API and the device dispatch.
+
+Every op here validates its inputs once, with an error that names the argument, then dispatches:
+
+* CUDA tensor                       -> the Triton kernel;
+* CPU tensor                        -> ``kernels.reference`` (plain PyTorch);
+* CPU tensor, ``TRITON_INTERPRET=1`` -> the same Triton kernel, run by Triton's interpreter.
+
+The environment variable is read at call time, so a test can flip between the interpreter and the
+reference inside one process (the ``@triton.jit`` functions themselves are made interpretable when the
+variable is set before Triton is imported). Callers never choose a backend.
+
+This package imports only torch (Triton is imported lazily, with the first kernel launch), so it can be
+used on its own by people who benchmark kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import reference
+
+__all__ = ["flash_attention", "decode_attention", "layer_norm", "gelu_mlp", "reference", "uses_triton"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    """True when an op given this tensor runs a Triton kernel (GPU, or CPU under the interpreter)."""
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _check_tensor(name: str, t, ndim: int | None = None, dtypes=_FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes and not (t.dtype == torch.float64 and not uses_triton(t)):
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {allowed}")
+
+
+def _check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, dtype: bool = True) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_head_dim(d: int) -> None:
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={d} is not supported; D must be in 1..{MAX_HEAD_DIM}")
+
+
+# ------------------------------------------------------------------------------------------------- ops
+def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = None) -> torch.Tensor:
+    """Attention over a whole sequence (prefill); never materialises the (Tq, Tk) scores on the GPU.
+
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tq <= Tk; any strides (views of a fused qkv are fine).
+    The causal mask is aligned bottom-right: query i sees keys j <= i + Tk - Tq.
+    softmax_scale defaults to D ** -0.5. Returns o: (B, H, Tq, D), dtype of q.
+    """
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4)
+    _check_tensor("v", v, 4)
+    _check_same("k", k, "q", q)
+    _check_same("v", v, "q", q)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    _check_shape("k", k, (B, H, Tk, D))
+    _check_shape("v", v, (B, H, Tk, D))
+    _check_head_dim(D)
+    if Tq == 0 or Tk == 0:
+        raise ValueError(f"empty sequence: Tq={Tq}, Tk={Tk}")
+    if Tq > Tk:
+        raise ValueError(f"q has more positions (Tq={Tq}) than k/v (Tk={Tk}); Tq <= Tk is required")
+    scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    if uses_triton(q):
+        from kernels.attention import flash_attention_fwd
+
+        return flash_attention_fwd(q, k, v, causal=bool(causal), softmax_scale=scale)
+    return reference.flash_attention(q, k, v, causal=causal, softmax_scale=scale)
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | None = None) -> torch.Tensor:
+    """One new query per row against a KV cache (decode step), split-KV on the GPU.
+
+    q: (B, H, 1, D); k_cache, v_cache: (B, H, Tmax, D); cache_seqlens: int32 (B,), the number of valid
+    cache positions of each row (1 <= len <= Tmax; the new token's k/v already written). Any strides.
+    Returns o: (B, H, 1, D), dtype of q.
+    """
+    _check_tensor("q", q, 4)
+    _check_tensor("k_cache", k_cache, 4)
+    _check_tensor("v_cache", v_cache, 4)
+    _check_same("k_cache", k_cache, "q", q)
+    _check_same("v_cache", v_cache, "q", q)
+    B, H, one, D = q.shape
+    if one != 1:
+        raise ValueError(f"q must hold one query per row, shape (B, H, 1, D); got {tuple(q.shape)}")
+    Tmax = k_cache.shape[2]
+    _check_shape("k_cache", k_cache, (B, H, Tmax, D))
+    _check_shape("v_cache", v_cache, (B, H, Tmax, D))
+    _check_head_dim(D)
+    _check_tensor("cache_seqlens", cache_seqlens, 1, dtypes=(torch.int32,))
+    _check_same("cache_seqlens", cache_seqlens, "q", q, dtype=False)
+    _check_shape("cache_seqlens", cache_seqlens, (B,))
+    scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    if uses_triton(q):
+        from kernels.decode_attention import decode_attention_fwd
+
+        return decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
+    return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
+    """LayerNorm over the last dim, optionally fused with the residual add before it.
+
+    x: (..., N); weight, bias: (N,); residual: None or the shape of x.
+    Returns y = LayerNorm(x) or, with residual, (y, h) where h = x + residual and y = LayerNorm(h);
+    statistics in fp32, outputs in x's dtype.
+    """
+    _check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    N = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        _check_tensor(name, p, 1)
+        _check_same(name, p, "x", x, dtype=False)
+        _check_shape(name, p, (N,))
+    if residual is not None:
+        _check_tensor("residual", residual)
+        _check_same("residual", residual, "x", x)
+        _check_shape("residual", residual, tuple(x.shape))
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if uses_triton(x):
+        from kernels.layer_norm import layer_norm_fwd
+
+        return layer_norm_fwd(x, weight, bias, eps=float(eps), residual=residual)
+    return reference.layer_norm(x, weight, bias, eps=eps, residual=residual)
+
+
+def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> torch.Tensor:
+    """GPT-2's MLP: gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias (+ residual).
+
+    x: (..., C); fc_weight: (F, C); fc_bias: (F,); proj_weight: (C_out, F); proj_bias: (C_out,);
+    residual: None or (..., C_out). nn.Linear layouts. Returns (..., C_out) in x's dtype.
+    """
+    _check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    C = x.shape[-1]
+    _check_tensor("fc_weight", fc_weight, 2)
+    _check_same("fc_weight", fc_weight, "x", x)
+    Fh = fc_weight.shape[0]
+    _check_shape("fc_weight", fc_weight, (Fh, C))
+    _check_tensor("fc_bias", fc_bias, 1)
+    _check_same("fc_bias", fc_bias, "x", x)
+    _check_shape("fc_bias", fc_bias, (Fh,))
+    _check_tensor("proj_weight", proj_weight, 2)
+    _check_same("proj_weight", proj_weight, "x", x)
+    C_out = proj_weight.shape[0]
+    _check_shape("proj_weight", proj_weight, (C_out, Fh))
+    _check_tensor("proj_bias", proj_bias, 1)
+    _check_same("proj_bias", proj_bias, "x", x)
+    _check_shape("proj_bias", proj_bias, (C_out,))
+    if residual is not None:
+        _check_tensor("residual", residual)
+        _check_same("residual", residual, "x", x)
+        _check_shape("residual", residual, tuple(x.shape[:-1]) + (C_out,))
+    if uses_triton(x):
+        from kernels.gelu_mlp import gelu_mlp_fwd
+
+        return gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)
+    return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)

@@ -1,0 +1,54 @@
+"""The four fused ops in plain PyTorch: the truth every Triton kernel is tested against.
+
+These run the CPU path of the model too, and they support autograd (training on CPU goes through them).
+They take the validated arguments of the public ops in ``kernels`` (softmax_scale already resolved) and
+compute in the input dtype the way PyTorch's own modules do, so the model on CPU matches
+``transformers`` to rounding. Pass float64 tensors to get a high-precision reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale [+ bottom-right causal mask]) v.  q (B,H,Tq,D), k/v (B,H,Tk,D) -> (B,H,Tq,D)."""
+    Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    if causal and Tq > 1:
+        if Tq == Tk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        # bottom-right alignment: query i sees keys j <= i + (Tk - Tq)
+        i = torch.arange(Tq, device=q.device)[:, None]
+        j = torch.arange(Tk, device=q.device)[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + (Tk - Tq), scale=scale)
+    # one causal query at the bottom-right corner sees every key
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | None = None) -> torch.Tensor:
+    """q (B,H,1,D) against the first cache_seqlens[b] positions of k/v_cache (B,H,Tmax,D) -> (B,H,1,D)."""
+    Tmax = k_cache.shape[-2]
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    valid = torch.arange(Tmax, device=q.device)[None, :] < cache_seqlens.to(q.device).long()[:, None]  # (B, Tmax)
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid[:, None, None, :], scale=scale)
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
+    """y = LayerNorm(x) or, with residual, (y, h) with h = x + residual, y = LayerNorm(h)."""
+    if residual is None:
+        return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), eps)
+    h = x + residual
+    return F.layer_norm(h, (h.shape[-1],), weight.to(h.dtype), bias.to(h.dtype), eps), h
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's "gelu_new": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> torch.Tensor:
+    """gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias (+ residual)."""
+    y = F.linear(gelu_tanh(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
+    return y if residual is None else y + residual
