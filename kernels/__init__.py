@@ -35,6 +35,16 @@ def uses_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _dispatch_to_triton(*tensors) -> bool:
+    """Triton for the device, unless autograd must see the op: the kernels are forward-only for now,
+    so a call that records a graph (training) takes the differentiable reference instead."""
+    if not uses_triton(tensors[0]):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------------------------- checks
 def _check_tensor(name: str, t, ndim: int | None = None, dtypes=_FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
@@ -86,7 +96,7 @@ def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = 
     if Tq > Tk:
         raise ValueError(f"q has more positions (Tq={Tq}) than k/v (Tk={Tk}); Tq <= Tk is required")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
-    if uses_triton(q):
+    if _dispatch_to_triton(q, k, v):
         from kernels.attention import flash_attention_fwd
 
         return flash_attention_fwd(q, k, v, causal=bool(causal), softmax_scale=scale)
@@ -116,7 +126,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | 
     _check_same("cache_seqlens", cache_seqlens, "q", q, dtype=False)
     _check_shape("cache_seqlens", cache_seqlens, (B,))
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
-    if uses_triton(q):
+    if _dispatch_to_triton(q, k_cache, v_cache):
         from kernels.decode_attention import decode_attention_fwd
 
         return decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
@@ -144,7 +154,7 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
         _check_shape("residual", residual, tuple(x.shape))
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    if uses_triton(x):
+    if _dispatch_to_triton(x, weight, bias, residual):
         from kernels.layer_norm import layer_norm_fwd
 
         return layer_norm_fwd(x, weight, bias, eps=float(eps), residual=residual)
@@ -179,7 +189,7 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> to
         _check_tensor("residual", residual)
         _check_same("residual", residual, "x", x)
         _check_shape("residual", residual, tuple(x.shape[:-1]) + (C_out,))
-    if uses_triton(x):
+    if _dispatch_to_triton(x, fc_weight, fc_bias, proj_weight, proj_bias, residual):
         from kernels.gelu_mlp import gelu_mlp_fwd
 
         return gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)

@@ -1,0 +1,190 @@
+"""The GPT-2 module: learned positions, pre-LN blocks, tanh GELU, tied embeddings.
+
+Every fused computation goes through the public ops of ``kernels`` (which pick Triton or PyTorch by
+device); the model itself never names a backend. Parameter names follow Hugging Face's GPT-2 so that
+checkpoints map one to one (``fastgpt.load`` transposes HF's Conv1D weights into nn.Linear layout).
+
+One block, with the residual adds fused into the ops that follow them:
+    h    = layer_norm(x)                                  ln_1
+    a    = c_proj(attention(c_attn(h)))
+    y, x = layer_norm(a, residual=x)                      ln_2, x <- x + a
+    x    = gelu_mlp(y, ..., residual=x)                   x <- x + mlp(y)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from fastgpt.cache import KVCache
+from fastgpt.config import GPTConfig
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm's parameters, with the forward (and the optional fused residual add) from kernels."""
+
+    def forward(self, x, residual=None):
+        return kernels.layer_norm(x, self.weight, self.bias, eps=self.eps, residual=residual)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, input_pos=None, cache_seqlens=None):
+        B, T, C = x.shape
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
+        # strided views, no copy: the kernels take any strides
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, nh, T, hs) each
+        if input_pos is None:  # whole sequence, no cache (training, scoring)
+            o = kernels.flash_attention(q, k, v, causal=True)
+        elif T > 1 or cache_seqlens is None:  # prefill: attend within the new tokens and everything cached
+            k_all, v_all = self.kv_cache.update(input_pos, k, v)
+            end = int(input_pos[-1]) + 1
+            o = kernels.flash_attention(q, k_all[:, :, :end], v_all[:, :, :end], causal=True)
+        else:  # decode: one query per row against the cache
+            k_all, v_all = self.kv_cache.update(input_pos, k, v)
+            o = kernels.decode_attention(q, k_all, v_all, cache_seqlens)
+        return self.c_proj(o.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x, residual=None):
+        return kernels.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
+                                residual=residual)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, input_pos=None, cache_seqlens=None):
+        a = self.attn(self.ln_1(x), input_pos, cache_seqlens)
+        y, x = self.ln_2(a, residual=x)
+        return self.mlp(y, residual=x)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
+            # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+            # variance does not grow with depth
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # wte counted once: the head is tied
+
+    # ------------------------------------------------------------------------------------------ cache
+    def setup_caches(self, max_batch: int, max_len: int) -> None:
+        """Allocate the static KV caches (reused while they are large enough and of the right dtype)."""
+        if max_len > self.config.n_positions:
+            raise ValueError(f"max_len={max_len} exceeds the context length {self.config.n_positions}")
+        cache = self.transformer.h[0].attn.kv_cache
+        if (cache is not None and cache.max_batch >= max_batch and cache.max_len >= max_len
+                and cache.k_cache.dtype == self.dtype and cache.k_cache.device == self.device):
+            return
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(max_batch, self.config.n_head, max_len, self.config.head_dim,
+                                          dtype=self.dtype, device=self.device)
+
+    def clear_caches(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    # ---------------------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache_seqlens: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) for input_ids (B, T); (B, 1, V) with last_only.
+
+        Without input_pos the whole sequence is processed from position 0 with no cache. With input_pos
+        (T,) the tokens sit at those positions and their keys/values go into the caches set up by
+        ``setup_caches``; a single-token step (T == 1) also needs cache_seqlens, int32 (B,).
+        """
+        B, T = input_ids.shape
+        if input_pos is None:
+            if T > self.config.n_positions:
+                raise ValueError(f"sequence length {T} exceeds the context length {self.config.n_positions}")
+            pos = torch.arange(T, device=input_ids.device)
+        else:
+            if self.transformer.h[0].attn.kv_cache is None:
+                raise RuntimeError("input_pos given but no KV cache: call setup_caches(max_batch, max_len) first")
+            pos = input_pos
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, input_pos, cache_seqlens)
+        if last_only:
+            x = x[:, -1:]
+        x = self.transformer.ln_f(x)
+        return F.linear(x, self.transformer.wte.weight)  # tied head, (B, T, V)
+
+    # ------------------------------------------------------------------------------------- generation
+    def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """See ``fastgpt.generate.generate``."""
+        from fastgpt.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def stream(self, input_ids, max_new_tokens: int, **kwargs):
+        """See ``fastgpt.generate.stream``."""
+        from fastgpt.generate import stream
+
+        return stream(self, input_ids, max_new_tokens, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path, device=None, dtype=None) -> "GPT":
+        """Load a Hugging Face GPT-2 checkpoint (local dir or hub name); see ``fastgpt.load``."""
+        from fastgpt.load import load_pretrained
+
+        return load_pretrained(cls, name_or_path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path, tokenizer=None) -> None:
+        """Write an HF GPT-2 dir (config.json + model.safetensors [+ tokenizer]) atomically."""
+        from fastgpt.load import save_pretrained
+
+        save_pretrained(self, path, tokenizer=tokenizer)
