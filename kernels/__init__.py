@@ -8,10 +8,10 @@ Every op here validates its inputs once, with an error that names the argument, 
 
 The environment variable is read at call time, so a test can flip between the interpreter and the
 reference inside one process (the ``@triton.jit`` functions themselves are made interpretable when the
-variable is set before Triton is imported). Callers never choose a backend.
+variable is set before Triton is imported). Callers never choose a backend. Calls that autograd must
+differentiate take the reference: the kernels are forward-only for now.
 
-This package imports only torch (Triton is imported lazily, with the first kernel launch), so it can be
-used on its own by people who benchmark kernels.
+The package needs only torch and triton, so it can be used on its own by people who benchmark kernels.
 """
 
 from __future__ import annotations
@@ -20,6 +20,14 @@ import os
 
 import torch
 
+# The kernel modules are imported here, before the public ops are defined, for a reason: importing a
+# submodule for the first time binds it on the package under its own name, and three of them share
+# their op's name (kernels/layer_norm.py vs kernels.layer_norm). Loaded now, the defs below win, and a
+# later `import kernels.layer_norm` (tests, benchmarks) finds the module in sys.modules and rebinds nothing.
+from kernels import attention as _attention
+from kernels import decode_attention as _decode_attention
+from kernels import gelu_mlp as _gelu_mlp
+from kernels import layer_norm as _layer_norm
 from kernels import reference
 
 __all__ = ["flash_attention", "decode_attention", "layer_norm", "gelu_mlp", "reference", "uses_triton"]
@@ -97,9 +105,7 @@ def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = 
         raise ValueError(f"q has more positions (Tq={Tq}) than k/v (Tk={Tk}); Tq <= Tk is required")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
     if _dispatch_to_triton(q, k, v):
-        from kernels.attention import flash_attention_fwd
-
-        return flash_attention_fwd(q, k, v, causal=bool(causal), softmax_scale=scale)
+        return _attention.flash_attention_fwd(q, k, v, causal=bool(causal), softmax_scale=scale)
     return reference.flash_attention(q, k, v, causal=causal, softmax_scale=scale)
 
 
@@ -127,9 +133,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | 
     _check_shape("cache_seqlens", cache_seqlens, (B,))
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
     if _dispatch_to_triton(q, k_cache, v_cache):
-        from kernels.decode_attention import decode_attention_fwd
-
-        return decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
+        return _decode_attention.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
     return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
 
 
@@ -155,9 +159,7 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if _dispatch_to_triton(x, weight, bias, residual):
-        from kernels.layer_norm import layer_norm_fwd
-
-        return layer_norm_fwd(x, weight, bias, eps=float(eps), residual=residual)
+        return _layer_norm.layer_norm_fwd(x, weight, bias, eps=float(eps), residual=residual)
     return reference.layer_norm(x, weight, bias, eps=eps, residual=residual)
 
 
@@ -190,7 +192,5 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> to
         _check_same("residual", residual, "x", x)
         _check_shape("residual", residual, tuple(x.shape[:-1]) + (C_out,))
     if _dispatch_to_triton(x, fc_weight, fc_bias, proj_weight, proj_bias, residual):
-        from kernels.gelu_mlp import gelu_mlp_fwd
-
-        return gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)
+        return _gelu_mlp.gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)
     return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)
