@@ -30,7 +30,7 @@ def resolve_model_dir(name_or_path) -> str:
     path = os.fspath(name_or_path)
     if os.path.isdir(path):
         return path
-    looks_local = os.path.sep in path or path.startswith(".") or os.path.exists(path)
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or (os.sep != "/" and os.sep in path)
     if os.path.exists(path):
         raise NotADirectoryError(f"{path}: not a directory (expected an HF checkpoint dir with config.json)")
     if looks_local or path.count("/") > 1:
@@ -132,6 +132,8 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None):
     _check_against_model(state, model, source)
     state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    if device.type == "cpu":
+        model.use_cpu_decode_layout()
     return model.eval()
 
 
@@ -161,7 +163,10 @@ def atomic_write(path: str, write) -> None:
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the renamed file gets a normal file's mode
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
