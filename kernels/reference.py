@@ -29,8 +29,11 @@ def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | None = None) -> torch.Tensor:
     """q (B,H,1,D) against the first cache_seqlens[b] positions of k/v_cache (B,H,Tmax,D) -> (B,H,1,D)."""
-    Tmax = k_cache.shape[-2]
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if not q.is_cuda:  # read only the filled part of the cache (a free host read on CPU; a sync on a GPU)
+        filled = max(int(cache_seqlens.max()), 1)
+        k_cache, v_cache = k_cache[:, :, :filled], v_cache[:, :, :filled]
+    Tmax = k_cache.shape[-2]
     valid = torch.arange(Tmax, device=q.device)[None, :] < cache_seqlens.to(q.device).long()[:, None]  # (B, Tmax)
     return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid[:, None, None, :], scale=scale)
 
