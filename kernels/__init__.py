@@ -142,7 +142,8 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
 
     x: (..., N); weight, bias: (N,); residual: None or the shape of x.
     Returns y = LayerNorm(x) or, with residual, (y, h) where h = x + residual and y = LayerNorm(h);
-    statistics in fp32, outputs in x's dtype.
+    statistics in fp32, outputs in x's dtype. A residual of another dtype (autocast: bf16 branch, fp32
+    stream) is promoted as PyTorch would, on the reference path.
     """
     _check_tensor("x", x)
     if x.dim() == 0:
@@ -154,11 +155,11 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
         _check_shape(name, p, (N,))
     if residual is not None:
         _check_tensor("residual", residual)
-        _check_same("residual", residual, "x", x)
+        _check_same("residual", residual, "x", x, dtype=False)
         _check_shape("residual", residual, tuple(x.shape))
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    if _dispatch_to_triton(x, weight, bias, residual):
+    if _dispatch_to_triton(x, weight, bias, residual) and (residual is None or residual.dtype == x.dtype):
         return _layer_norm.layer_norm_fwd(x, weight, bias, eps=float(eps), residual=residual)
     return reference.layer_norm(x, weight, bias, eps=eps, residual=residual)
 
@@ -167,7 +168,8 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> to
     """GPT-2's MLP: gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias (+ residual).
 
     x: (..., C); fc_weight: (F, C); fc_bias: (F,); proj_weight: (C_out, F); proj_bias: (C_out,);
-    residual: None or (..., C_out). nn.Linear layouts. Returns (..., C_out) in x's dtype.
+    residual: None or (..., C_out). nn.Linear layouts. Returns (..., C_out) in x's dtype; a residual of
+    another dtype (autocast) is promoted as PyTorch would, on the reference path.
     """
     _check_tensor("x", x)
     if x.dim() == 0:
@@ -189,8 +191,9 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> to
     _check_shape("proj_bias", proj_bias, (C_out,))
     if residual is not None:
         _check_tensor("residual", residual)
-        _check_same("residual", residual, "x", x)
+        _check_same("residual", residual, "x", x, dtype=False)
         _check_shape("residual", residual, tuple(x.shape[:-1]) + (C_out,))
-    if _dispatch_to_triton(x, fc_weight, fc_bias, proj_weight, proj_bias, residual):
+    if (_dispatch_to_triton(x, fc_weight, fc_bias, proj_weight, proj_bias, residual)
+            and (residual is None or residual.dtype == x.dtype)):
         return _gelu_mlp.gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)
     return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)

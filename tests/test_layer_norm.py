@@ -237,8 +237,10 @@ def test_bad_inputs_raise_through_public_op(interpreter_path):
         layer_norm_op(x, torch.randn(7, device=KERNEL_DEVICE), w)
     with pytest.raises(ValueError, match="bias"):
         layer_norm_op(x, w, torch.randn(2, 8, device=KERNEL_DEVICE))
-    with pytest.raises(TypeError, match="residual"):
-        layer_norm_op(x, w, w, residual=x.half())
+    # a residual of another dtype (autocast keeps the stream fp32) is promoted, as x + residual would be
+    y, h = layer_norm_op(x, w, w, residual=x.half())
+    assert h.dtype == y.dtype == torch.float32
+    torch.testing.assert_close(h, x + x.half().float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="residual"):
         layer_norm_op(x, w, w, residual=x[:1])
     with pytest.raises(ValueError, match="eps"):
