@@ -15,6 +15,8 @@ import time
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int (imported only when used)
 SUBCOMMANDS = {
     "generate": ("fastgpt.cli", "generate text from a prompt, streaming it as it comes"),
+    "bench": ("fastgpt.bench", "time the fused kernels and generation against their peers"),
+    "train": ("fastgpt.train", "pretrain or fine-tune a model on text files, JSONL pairs or the stdlib corpus"),
 }
 
 USER_ERRORS = (ValueError, TypeError, OSError, KeyError)
@@ -122,18 +124,22 @@ def run(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that subcommand's module is imported (the others' imports and
+    possible breakage stay out of its way)."""
     parser = _Parser(prog="fastgpt", description="GPT-2-family engine with fused Triton kernels")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        if only in (None, name):
+            importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
