@@ -85,7 +85,10 @@ def build_model(name: str, device, dtype, seed: int = 0) -> tuple[GPT, str]:
         torch.manual_seed(seed)
         with torch.device(device):  # initialise on the device itself: gpt2-xl is slow to init on a CPU
             model = GPT(config)
-        return model.to(dtype).eval(), name
+        model = model.to(dtype).eval()
+        if device.type == "cpu":
+            model.use_cpu_decode_layout()  # as from_pretrained does on CPU
+        return model, name
     model = GPT.from_pretrained(name, device=device, dtype=dtype)
     return model, name.rstrip("/").split("/")[-1]
 
