@@ -29,7 +29,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench_ms, timing_row
+from benchmarks.common import L2_BYTES, require_cuda, time_per_call, timing_row
 
 OP = "decode_attention"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -38,18 +38,10 @@ T_ALL = (1024, 8192, 32768, 131072)
 D_H = ((64, 12), (128, 16))  # (head dim, heads)
 QUICK = ((1, 131072, 128, 16), (1, 32768, 64, 12), (8, 8192, 128, 16), (64, 1024, 64, 12))  # B, T, D, H
 _MAX_BYTES = 48 << 30
-_L2_BYTES = 64 << 20  # at least the L2 of the GPUs this targets (H100/H200: 50 MB)
 
 
 def _launcher():
     return importlib.import_module("kernels.decode_attention").decode_attention_fwd
-
-
-def _require_cuda(device) -> torch.device:
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"bench_decode_attention times the Triton kernel and needs a CUDA device, got {device}")
-    return device
 
 
 def _randn(shape, gen, dtype, device, scale=1.0):
@@ -62,7 +54,7 @@ def check(device, dtypes) -> list[dict]:
     a long cache, a (B, T, H, D) cache layout, large logits, and garbage past each row's length."""
     from kernels import reference
 
-    device = _require_cuda(device)
+    device = require_cuda(device, "bench_decode_attention")
     fwd = _launcher()
     cases = [  # (name, B, H, Tmax, D, lens, num_splits, layout, q/k scale, garbage)
         ("ragged 1/37/4099 auto splits", 3, 12, 4099, 64, (1, 37, 4099), None, "bhtd", 1.0, False),
@@ -117,30 +109,8 @@ def _inputs(B, Tmax, D, H, dtype, device, copies):
              _randn((B, H, Tmax, D), gen, dtype, device)) for _ in range(copies)]
 
 
-def _graphed(calls):
-    """One callable replaying all `calls` from a CUDA graph (None when capture fails)."""
-    try:
-        for c in calls:  # compile / warm up outside the capture
-            c()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for c in calls:
-                c()
-        return graph.replay
-    except Exception:
-        return None
-
-
-def _time_per_call(calls, timing) -> tuple[float, str]:
-    replay = _graphed(calls)
-    if replay is not None:
-        return bench_ms(replay, **timing) / len(calls), f"graph x{len(calls)}"
-    return bench_ms(calls[0], **timing), "eager"
-
-
 def run(device, dtypes, quick: bool, ceilings) -> list[dict]:
-    device = _require_cuda(device)
+    device = require_cuda(device, "bench_decode_attention")
     fwd = _launcher()
     timing = dict(warmup_ms=10, rep_ms=30) if quick else dict(warmup_ms=25, rep_ms=100)
     rows = []
@@ -151,15 +121,15 @@ def run(device, dtypes, quick: bool, ceilings) -> list[dict]:
             if cache_bytes > _MAX_BYTES:
                 continue
             nbytes = 2 * B * H * L * D * elt  # K and V positions actually read
-            copies = max(1, min(16, -(-2 * _L2_BYTES // nbytes)))
+            copies = max(1, min(16, -(-2 * L2_BYTES // nbytes)))
             sets = _inputs(B, Tmax, D, H, dtype, device, copies)
             lens = torch.full((B,), L, dtype=torch.int32, device=device)
             scale = D**-0.5
             ours = [lambda q=q, k=k, v=v: fwd(q, k, v, lens, softmax_scale=scale) for q, k, v in sets]
             peer = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k[:, :, :L], v[:, :, :L], scale=scale)
                     for q, k, v in sets]
-            ours_ms, how = _time_per_call(ours, timing)
-            peer_ms, peer_how = _time_per_call(peer, timing)
+            ours_ms, how = time_per_call(ours, timing)
+            peer_ms, peer_how = time_per_call(peer, timing)
             shape = f"B={B} H={H} len={L} Tmax={Tmax} D={D}"
             row = timing_row(OP, shape, dtype, ours_ms, "F.sdpa (sliced cache)", peer_ms, nbytes, "GB/s", ceilings)
             row["timing"] = how if how == peer_how else f"ours {how}, peer {peer_how}"

@@ -26,7 +26,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench_ms, timing_row
+from benchmarks.common import L2_BYTES, require_cuda, time_per_call, timing_row
 
 OP = "layer_norm"
 M = 4096
@@ -34,7 +34,6 @@ N_ALL = (768, 1024, 1280, 1600, 2048, 4096, 8192, 16384)
 N_QUICK = (768, 1600, 4096, 16384)
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 EPS = 1e-5
-_L2_BYTES = 64 << 20  # at least the L2 of the GPUs this targets (H100/H200: 50 MB)
 
 
 def _launcher():
@@ -45,20 +44,13 @@ def _randn(shape, gen, dtype, device, scale=1.0, offset=0.0):
     return (offset + scale * torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)
 
 
-def _require_cuda(device) -> torch.device:
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"bench_layer_norm times the Triton kernel and needs a CUDA device, got {device}")
-    return device
-
-
 # ------------------------------------------------------------------------------------------- check
 def check(device, dtypes) -> list[dict]:
     """Every dtype against the float64 reference: odd shapes, large magnitudes, strided rows, the looped
     regime, fp32 weights under 16-bit activations, and the statistics."""
     from kernels import reference
 
-    device = _require_cuda(device)
+    device = require_cuda(device, "bench_layer_norm")
     fwd = _launcher()
     cases = [  # (name, shape, scale, offset, residual, row_pad)
         ("odd rows 257x768", (257, 768), 1.0, 0.0, True, 0),
@@ -120,30 +112,8 @@ def _inputs(N, dtype, device, residual, copies):
     return sets, w, b
 
 
-def _graphed(calls):
-    """One callable replaying all `calls` from a CUDA graph (None when capture fails)."""
-    try:
-        for c in calls:  # compile / warm up outside the capture
-            c()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for c in calls:
-                c()
-        return graph.replay
-    except Exception:
-        return None
-
-
-def _time_per_call(calls, timing) -> tuple[float, str]:
-    replay = _graphed(calls)
-    if replay is not None:
-        return bench_ms(replay, **timing) / len(calls), f"graph x{len(calls)}"
-    return bench_ms(calls[0], **timing), "eager"
-
-
 def run(device, dtypes, quick: bool, ceilings) -> list[dict]:
-    device = _require_cuda(device)
+    device = require_cuda(device, "bench_layer_norm")
     fwd = _launcher()
     timing = dict(warmup_ms=10, rep_ms=30) if quick else dict(warmup_ms=25, rep_ms=100)
     rows = []
@@ -152,7 +122,7 @@ def run(device, dtypes, quick: bool, ceilings) -> list[dict]:
         for N in (N_QUICK if quick else N_ALL):
             for residual in (False, True):
                 nbytes = (4 if residual else 2) * M * N * elt + 2 * N * elt
-                copies = max(2, min(16, -(-2 * _L2_BYTES // nbytes)))
+                copies = max(2, min(16, -(-2 * L2_BYTES // nbytes)))
                 sets, w, b = _inputs(N, dtype, device, residual, copies)
                 if residual:
                     ours = [lambda x=x, r=r: fwd(x, w, b, eps=EPS, residual=r) for x, r in sets]
@@ -162,8 +132,8 @@ def run(device, dtypes, quick: bool, ceilings) -> list[dict]:
                     ours = [lambda x=x: fwd(x, w, b, eps=EPS) for x, _ in sets]
                     peer = [lambda x=x: F.layer_norm(x, (N,), w, b, EPS) for x, _ in sets]
                     peer_name = "F.layer_norm"
-                ours_ms, how = _time_per_call(ours, timing)
-                peer_ms, peer_how = _time_per_call(peer, timing)
+                ours_ms, how = time_per_call(ours, timing)
+                peer_ms, peer_how = time_per_call(peer, timing)
                 row = timing_row(OP, f"M={M} N={N}" + (" +residual" if residual else ""), dtype,
                                  ours_ms, peer_name, peer_ms, nbytes, "GB/s", ceilings)
                 row["timing"] = how if how == peer_how else f"ours {how}, peer {peer_how}"

@@ -82,3 +82,39 @@ def timing_row(op: str, shape: str, dtype, ours_ms: float, peer: str, peer_ms: f
         "unit": unit,
         "pct_ceiling": (100.0 * achieved / ceiling) if ceiling else None,
     }
+
+
+# Inputs rotated through in one timed replay should exceed the L2 of the GPUs this targets (H100/H200:
+# 50 MB), so each call reads from HBM as it would inside a model.
+L2_BYTES = 64 << 20
+
+
+def require_cuda(device, suite: str) -> torch.device:
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"{suite} times the Triton kernel and needs a CUDA device, got {device}")
+    return device
+
+
+def graphed(calls):
+    """One callable replaying all `calls` from a CUDA graph (None when capture fails)."""
+    try:
+        for c in calls:  # compile / warm up outside the capture
+            c()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for c in calls:
+                c()
+        return graph.replay
+    except Exception:
+        return None
+
+
+def time_per_call(calls, timing: dict) -> tuple[float, str]:
+    """(median ms per call, how it was timed): a CUDA-graph replay of all calls divided by their number
+    (launch overhead amortised, as in a captured decode step), or plain calls when capture fails."""
+    replay = graphed(calls)
+    if replay is not None:
+        return bench_ms(replay, **timing) / len(calls), f"graph x{len(calls)}"
+    return bench_ms(calls[0], **timing), "eager"
