@@ -100,7 +100,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
     return acc, l_i, m_i
 
 
-@triton.jit
+# A row stride of 1 (D == 1, or a feature-strided view) would otherwise be specialised into a constant
+# at launch, and a constant has no .to(): keep the row strides runtime values.
+@triton.jit(do_not_specialize=["stride_qm", "stride_kn", "stride_vn", "stride_om"])
 def _attn_fwd(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
