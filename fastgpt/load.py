@@ -117,7 +117,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
-def load_pretrained(cls, name_or_path, device=None, dtype=None):
+def load_pretrained(cls, name_or_path, device=None, dtype=None, cpu_decode_layout: bool = True):
     model_dir = resolve_model_dir(name_or_path)
     config = GPTConfig.from_hf(os.path.join(model_dir, "config.json"))
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -132,7 +132,7 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None):
     _check_against_model(state, model, source)
     state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    if device.type == "cpu":
+    if device.type == "cpu" and cpu_decode_layout:
         model.use_cpu_decode_layout()
     return model.eval()
 

@@ -194,11 +194,14 @@ class GPT(nn.Module):
 
     # ---------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None) -> "GPT":
-        """Load a Hugging Face GPT-2 checkpoint (local dir or hub name); see ``fastgpt.load``."""
+    def from_pretrained(cls, name_or_path, device=None, dtype=None, cpu_decode_layout: bool = True) -> "GPT":
+        """Load a Hugging Face GPT-2 checkpoint (local dir or hub name); see ``fastgpt.load``.
+
+        On CPU the weights take ``use_cpu_decode_layout`` unless cpu_decode_layout=False (training
+        wants the layout a fresh model has, so a resumed run computes exactly as an uninterrupted one)."""
         from fastgpt.load import load_pretrained
 
-        return load_pretrained(cls, name_or_path, device=device, dtype=dtype)
+        return load_pretrained(cls, name_or_path, device=device, dtype=dtype, cpu_decode_layout=cpu_decode_layout)
 
     def save_pretrained(self, path, tokenizer=None) -> None:
         """Write an HF GPT-2 dir (config.json + model.safetensors [+ tokenizer]) atomically."""

@@ -355,7 +355,8 @@ def build_model(config: TrainConfig, tokenizer, device):
     from fastgpt.load import resolve_model_dir
 
     if config.init:
-        model = GPT.from_pretrained(resolve_model_dir(config.init), device=device, dtype=torch.float32)
+        model = GPT.from_pretrained(resolve_model_dir(config.init), device=device, dtype=torch.float32,
+                                    cpu_decode_layout=False)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but {config.init} embeds only "
                              f"{model.config.vocab_size}")
@@ -439,7 +440,7 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
         step = 0
     else:
         tokenizer = Tokenizer.from_pretrained(ckpt)
-        model = GPT.from_pretrained(ckpt, device=device, dtype=torch.float32).train()
+        model = GPT.from_pretrained(ckpt, device=device, dtype=torch.float32, cpu_decode_layout=False).train()
         block_size = state["block_size"]
         try:
             data = open_data(out_dir, tokenizer.vocab_size)
