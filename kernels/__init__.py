@@ -9,13 +9,14 @@ Every op here validates its inputs once, with an error that names the argument, 
 The environment variable is read at call time, so a test can flip between the interpreter and the
 reference inside one process (the ``@triton.jit`` functions themselves are made interpretable when the
 variable is set before Triton is imported). Callers never choose a backend. Calls that autograd must
-differentiate take the reference: the kernels are forward-only for now.
+differentiate, and calls under autocast, take the reference: the kernels are forward-only for now.
 
 The package needs only torch and triton, so it can be used on its own by people who benchmark kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -44,13 +45,21 @@ def uses_triton(t: torch.Tensor) -> bool:
 
 
 def _dispatch_to_triton(*tensors) -> bool:
-    """Triton for the device, unless autograd must see the op: the kernels are forward-only for now,
-    so a call that records a graph (training) takes the differentiable reference instead."""
+    """Triton for the device, unless
+    - autograd must see the op: the kernels are forward-only for now, so a call that records a graph
+      (training) takes the differentiable reference instead;
+    - autocast is on: its casting rules (bf16 matmuls beside an fp32 residual stream) belong to the
+      PyTorch ops, and the kernels would otherwise run fp32 GEMMs without tensor cores."""
     if not uses_triton(tensors[0]):
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False
-    return True
+    return not torch.is_autocast_enabled(tensors[0].device.type)
+
+
+def _launch_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (a model on cuda:1)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -105,7 +114,8 @@ def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = 
         raise ValueError(f"q has more positions (Tq={Tq}) than k/v (Tk={Tk}); Tq <= Tk is required")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
     if _dispatch_to_triton(q, k, v):
-        return _attention.flash_attention_fwd(q, k, v, causal=bool(causal), softmax_scale=scale)
+        with _launch_device(q):
+            return _attention.flash_attention_fwd(q, k, v, causal=bool(causal), softmax_scale=scale)
     return reference.flash_attention(q, k, v, causal=causal, softmax_scale=scale)
 
 
@@ -133,7 +143,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | 
     _check_shape("cache_seqlens", cache_seqlens, (B,))
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
     if _dispatch_to_triton(q, k_cache, v_cache):
-        return _decode_attention.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
+        with _launch_device(q):
+            return _decode_attention.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
     return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
 
 
@@ -160,7 +171,8 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     if _dispatch_to_triton(x, weight, bias, residual) and (residual is None or residual.dtype == x.dtype):
-        return _layer_norm.layer_norm_fwd(x, weight, bias, eps=float(eps), residual=residual)
+        with _launch_device(x):
+            return _layer_norm.layer_norm_fwd(x, weight, bias, eps=float(eps), residual=residual)
     return reference.layer_norm(x, weight, bias, eps=eps, residual=residual)
 
 
@@ -195,5 +207,6 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> to
         _check_shape("residual", residual, tuple(x.shape[:-1]) + (C_out,))
     if (_dispatch_to_triton(x, fc_weight, fc_bias, proj_weight, proj_bias, residual)
             and (residual is None or residual.dtype == x.dtype)):
-        return _gelu_mlp.gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)
+        with _launch_device(x):
+            return _gelu_mlp.gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)
     return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)

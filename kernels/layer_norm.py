@@ -41,7 +41,6 @@ Welford, "Note on a method for calculating corrected sums of squares and product
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -242,11 +241,10 @@ def layer_norm_fwd(x, weight, bias, *, eps: float, residual=None, return_stats: 
                 x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), h.stride(0) if h is not None else 0)
         flags = dict(HAS_RESIDUAL=residual is not None, STORE_STATS=return_stats,
                      BLOCK_N=block_n, VEC=vec if aligned else 1, num_warps=warps, num_stages=_STAGES[regime])
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            if regime == "rows":
-                _ln_fwd_rows[(triton.cdiv(M, block_m),)](*args, M, N, eps, BLOCK_M=block_m, **flags)
-            else:
-                _ln_fwd_looped[(M,)](*args, N, eps, **flags)
+        if regime == "rows":
+            _ln_fwd_rows[(triton.cdiv(M, block_m),)](*args, M, N, eps, BLOCK_M=block_m, **flags)
+        else:
+            _ln_fwd_looped[(M,)](*args, N, eps, **flags)
     elif return_stats:
         mean.fill_(float("nan"))
         rstd.fill_(float("nan"))
