@@ -62,6 +62,8 @@ class GPTConfig:
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             if config.get(flag):
                 raise ValueError(f"config.json sets {flag}=true, which fastgpt does not support")
+        if config.get("tie_word_embeddings") is False:
+            raise ValueError("config.json sets tie_word_embeddings=false; fastgpt's GPT-2 ties lm_head to wte")
         if config.get("scale_attn_weights") is False:
             raise ValueError("config.json sets scale_attn_weights=false, which fastgpt does not support")
         try:

@@ -55,7 +55,7 @@ def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor,
     return model(tokens[:, None], input_pos=input_pos, cache_seqlens=cache_seqlens)[:, -1]
 
 
-def _validate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id):
+def _validate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator):
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
@@ -78,6 +78,9 @@ def _validate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_t
         raise ValueError(f"eos_token_id {eos_token_id} is outside the vocabulary [0, {V})")
     if input_ids.device != model.device:
         raise ValueError(f"input_ids are on {input_ids.device} but the model is on {model.device}")
+    if generator is not None and temperature > 0 and generator.device.type != model.device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {model.device}; "
+                         f"use torch.Generator(device=model.device)")
 
 
 @torch.inference_mode()
@@ -86,7 +89,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: 
            generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) step by step; rows that emitted eos_token_id keep emitting it,
     and the stream ends when every row has (or after max_new_tokens)."""
-    _validate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id)
+    _validate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
     if max_new_tokens == 0:
         return
     B, T = input_ids.shape

@@ -472,9 +472,8 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
     precision = "bf16 autocast" if amp_dtype is not None else "fp32"
     log(f"model: {n_params / 1e6:.2f}M parameters, {model.config.n_layer} layers, {model.config.n_head} heads, "
         f"width {model.config.n_embd}, context {model.config.n_positions}, vocab {model.config.vocab_size}")
-    on_gpu = "; validation runs the Triton kernels" if device.type == "cuda" else ""
-    log(f"training on {device} in {precision}; gradients come from the reference PyTorch ops "
-        f"(the Triton kernels are forward-only){on_gpu}")
+    log(f"training on {device} in {precision}; training and validation run the reference PyTorch ops "
+        f"(the Triton kernels are forward-only and leave autocast to PyTorch)")
     tokens_per_step = config.batch_size * config.grad_accum * block_size
     log(f"{config.max_steps} steps of {tokens_per_step:,} tokens (batch {config.batch_size} x accum "
         f"{config.grad_accum} x block {block_size}), lr {config.lr:g} -> {min_lr:g}, warm-up {config.warmup_steps}")

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
-    return 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

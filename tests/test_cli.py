@@ -117,6 +117,12 @@ def test_cuda_without_cuda(reference_path, capsys, model_dir):
     _assert_one_line_error(code, out, err, "CUDA is not available")
 
 
+@pytest.mark.parametrize("device, message", [("foo", "not a device"), ("mps", "runs on cpu or cuda")])
+def test_bad_device(reference_path, capsys, model_dir, device, message):
+    code, out, err = run_cli(capsys, "--model", str(model_dir), "--prompt", "hi", "--device", device)
+    _assert_one_line_error(code, out, err, message)
+
+
 def test_missing_prompt_and_missing_subcommand(reference_path, capsys, model_dir):
     _assert_one_line_error(*run_cli(capsys, "--model", str(model_dir)), "--prompt")
     _assert_one_line_error(*run_main(capsys, []))

@@ -98,6 +98,7 @@ def test_bad_config_values_raise(changes, message):
     (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
     (dict(reorder_and_upcast_attn=True), "reorder_and_upcast_attn"),
     (dict(scale_attn_weights=False), "scale_attn_weights=false"),
+    (dict(tie_word_embeddings=False), "tie_word_embeddings=false"),
     (dict(n_embd=50), "not divisible"),
 ])
 def test_from_hf_rejects_unsupported_configs(changes, message):
