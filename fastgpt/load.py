@@ -20,7 +20,7 @@ import torch
 from fastgpt.config import GPTConfig
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# non-parameter tensors some HF versions store: the causal mask buffers, and the tied head
+# non-parameter tensors some HF versions store: the causal mask buffers (lm_head.weight, tied, is skipped too)
 _SKIPPED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -85,7 +85,7 @@ def _read_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def hf_to_fastgpt(state: dict[str, torch.Tensor], config: GPTConfig, source: str = "checkpoint") -> dict:
+def hf_to_fastgpt(state: dict[str, torch.Tensor]) -> dict:
     """Map HF GPT-2 tensor names/layouts onto GPT's parameters; every key and shape is checked."""
     out = {}
     for key, t in state.items():
@@ -126,7 +126,7 @@ def load_pretrained(cls, name_or_path, device=None, dtype=None, cpu_decode_layou
         dtype = parse_dtype(dtype)
     source = os.path.join(model_dir, next((f for f in WEIGHT_FILES if os.path.exists(os.path.join(model_dir, f))),
                                           "model.safetensors"))
-    state = hf_to_fastgpt(_read_state_dict(model_dir), config, source)
+    state = hf_to_fastgpt(_read_state_dict(model_dir))
     with torch.device("meta"):
         model = cls(config)
     _check_against_model(state, model, source)

@@ -119,18 +119,6 @@ def greedy_by_full_forward(model, input_ids: torch.Tensor, max_new_tokens: int) 
     return ids
 
 
-def kernel_modules_missing() -> list[str]:
-    """Triton kernel files of kernels/ that do not exist yet (they are written in parallel).
-
-    find_spec looks for the file without importing it: importing a kernel module here would change
-    what the tests exercise.
-    """
-    import importlib.util
-
-    names = ("kernels.attention", "kernels.decode_attention", "kernels.layer_norm", "kernels.gelu_mlp")
-    return [name for name in names if importlib.util.find_spec(name) is None]
-
-
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy shared CPU every parallel region

@@ -11,7 +11,7 @@ import torch
 
 from fastgpt import GPT, GPTConfig
 from fastgpt.config import PRESETS
-from helpers import TINY, kernel_modules_missing, make_hf_checkpoint, max_rel_err, random_ids
+from helpers import TINY, make_hf_checkpoint, max_rel_err, random_ids
 from helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 FP32_REL_TOL = 1e-4
@@ -212,9 +212,6 @@ def test_own_init_is_seeded_and_not_degenerate():
 def test_logits_match_transformers_through_triton_kernels(interpreter_path, tiny_checkpoint):
     """One small case (n_embd 64, 2 layers, 4 heads, T 19) with every op run by its Triton kernel
     (under Triton's interpreter on CPU)."""
-    missing = kernel_modules_missing()
-    if missing:
-        pytest.skip(f"kernel files not written yet: {', '.join(missing)}")
     path, hf_model = tiny_checkpoint
     model = GPT.from_pretrained(path)
     assert (model.config.n_embd, model.config.n_layer, model.config.n_head) == (64, 2, 4) == (
