@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._device import sm_count
 from kernels.compile_report import KernelSpec
 
 
@@ -169,7 +170,6 @@ _MAX_SPLITS = 256
 _MIN_SPLIT_LEN = 128  # positions; below this the merge traffic and launch cost outweigh the gain
 _CTAS_PER_SM = 4  # resident split programs per SM: 8 warps at <= 64 registers (see compile_report)
 _MAX_WAVES = 2  # of resident programs; more splits only add merge work
-_DEFAULT_SMS = 132  # H100/H200, used when no CUDA device is present (interpreter runs)
 _MERGE_BLOCK_S = 16
 
 
@@ -179,17 +179,6 @@ def _block_config(d_pad: int, vec: int) -> tuple[int, int]:
     64-bit address, so that path (caches not 16-byte aligned) takes half the rows."""
     elements = 4096 if vec > 1 else 2048
     return max(16, min(256, elements // d_pad)), 8
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_SMS
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _vec(t: torch.Tensor) -> int:
@@ -237,7 +226,7 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, *, softmax_scale: f
     d_pad = max(16, triton.next_power_of_2(D))
     vec = min(_vec(k_cache), _vec(v_cache))
     block_n, num_warps = _block_config(d_pad, vec)
-    n_splits, split_len = _split_plan(B, H, Tmax, block_n, _num_sms(q.device), num_splits)
+    n_splits, split_len = _split_plan(B, H, Tmax, block_n, sm_count(q.device), num_splits)
     seqlens = cache_seqlens if cache_seqlens.is_contiguous() else cache_seqlens.contiguous()
 
     o = torch.empty((B, H, 1, D), device=q.device, dtype=q.dtype)

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._device import sm_count
 from kernels.compile_report import KernelSpec
 
 
@@ -231,12 +232,6 @@ def _m_bucket(M: int) -> int:
     return max(16, min(triton.next_power_of_2(M), 16384))
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # an H200, for the interpreter
-
-
 def _k_per_split(M: int, N: int, K: int, num_sms: int) -> int:
     """Decode split-K: double the slices until ~2 programs per SM, keeping slices >= _SPLIT_MIN_K long."""
     tiles = triton.cdiv(M, 16) * triton.cdiv(N, 64)
@@ -291,7 +286,7 @@ def linear_fwd(x, weight, bias=None, *, activation: str | None = None, residual=
         align = config.kwargs["BLOCK_K"] if config is not None else _SPLIT_ALIGN
         k_per_split = triton.cdiv(triton.cdiv(K, max(1, split_k)), align) * align
     elif regime == "decode":
-        k_per_split = _k_per_split(M, N, K, _num_sms(x.device))
+        k_per_split = _k_per_split(M, N, K, sm_count(x.device))
     else:
         k_per_split = K
     k_per_split = max(k_per_split, 1)
