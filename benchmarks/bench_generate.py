@@ -108,15 +108,13 @@ def transformers_peer(model: GPT):
         return None
     import transformers
 
-    from fastgpt.load import CONV1D_WEIGHTS
+    from fastgpt.load import fastgpt_to_hf
 
     transformers.logging.set_verbosity_error()  # its generation-config advice would bury the progress lines
     with torch.device(model.device):
         hf = GPT2LMHeadModel(GPT2Config(**model.config.to_hf()))
     hf = hf.to(model.dtype).eval()
-    # HF keeps the projections as Conv1D (in, out): the transposes of our nn.Linear weights
-    state = {name: (p.t() if name.endswith(CONV1D_WEIGHTS) else p) for name, p in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing, unexpected = hf.load_state_dict(fastgpt_to_hf(model), strict=False)
     left_out = [k for k in missing if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias"))]
     if left_out or unexpected:
         raise RuntimeError(f"weights did not map onto transformers' GPT-2: missing {left_out}, unexpected {unexpected}")

@@ -148,14 +148,10 @@ def parse_dtype(name) -> torch.dtype:
 
 
 def fastgpt_to_hf(model) -> dict[str, torch.Tensor]:
-    """GPT's parameters in HF GPT2LMHeadModel's names and Conv1D layouts (head omitted: it is tied)."""
-    out = {}
-    for name, p in model.state_dict().items():
-        t = p.detach()
-        if name.endswith(CONV1D_WEIGHTS):
-            t = t.t()
-        out[name] = t.contiguous().cpu()
-    return out
+    """GPT's parameters in HF GPT2LMHeadModel's names and Conv1D layouts (head omitted: it is tied),
+    as views on the model's device: nothing is copied."""
+    return {name: (p.t() if name.endswith(CONV1D_WEIGHTS) else p)
+            for name, p in model.state_dict().items()}
 
 
 def atomic_write(path: str, write) -> None:
@@ -190,7 +186,7 @@ def save_pretrained(model, path, tokenizer=None) -> None:
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    tensors = fastgpt_to_hf(model)
+    tensors = {name: t.contiguous().cpu() for name, t in fastgpt_to_hf(model).items()}
     atomic_write(os.path.join(path, "model.safetensors"),
                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write_text(os.path.join(path, "config.json"), json.dumps(model.config.to_hf(), indent=2) + "\n")
