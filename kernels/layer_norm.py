@@ -110,6 +110,18 @@ def _ln_fwd_rows(
 
 
 @triton.jit
+def _chunk_of_h(X, R, c, N, HAS_RESIDUAL: tl.constexpr, VEC: tl.constexpr):
+    """h = x (+ residual) in fp32 over the columns c of one row, and the mask of those inside it."""
+    ok = c < N
+    if VEC > 1:
+        ok = tl.max_constancy(ok, VEC)
+    h = tl.load(X + c, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h += tl.load(R + c, mask=ok, other=0.0).to(tl.float32)
+    return h, ok
+
+
+@triton.jit
 def _ln_fwd_looped(
     X, R, W, B, Y, H, Mean, Rstd,
     stride_xm, stride_rm, stride_ym, stride_hm,
@@ -137,12 +149,8 @@ def _ln_fwd_looped(
     m2 = tl.full((), 0.0, tl.float32)
     for start in range(0, N, BLOCK_N):
         c = start + cols
-        ok = c < N
-        if VEC > 1:
-            ok = tl.max_constancy(ok, VEC)
-        h = tl.load(X + c, mask=ok, other=0.0).to(tl.float32)
+        h, ok = _chunk_of_h(X, R, c, N, HAS_RESIDUAL, VEC)
         if HAS_RESIDUAL:
-            h += tl.load(R + c, mask=ok, other=0.0).to(tl.float32)
             tl.store(H + c, h.to(H.dtype.element_ty), mask=ok)
         n_a = start * 1.0  # a loop index is a plain int under the interpreter: no .to()
         n_b = tl.minimum(N - start, BLOCK_N) * 1.0
@@ -160,12 +168,7 @@ def _ln_fwd_looped(
     # Pass 2: re-read the inputs (not the rounded h) so y comes from the fp32 sum.
     for start in range(0, N, BLOCK_N):
         c = start + cols
-        ok = c < N
-        if VEC > 1:
-            ok = tl.max_constancy(ok, VEC)
-        h = tl.load(X + c, mask=ok, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            h += tl.load(R + c, mask=ok, other=0.0).to(tl.float32)
+        h, ok = _chunk_of_h(X, R, c, N, HAS_RESIDUAL, VEC)
         w_ptr = W + c
         b_ptr = B + c
         if VEC > 1:
