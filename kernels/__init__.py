@@ -31,7 +31,8 @@ from kernels import gelu_mlp as _gelu_mlp
 from kernels import layer_norm as _layer_norm
 from kernels import reference
 
-__all__ = ["flash_attention", "decode_attention", "layer_norm", "gelu_mlp", "reference", "uses_triton"]
+__all__ = ["flash_attention", "decode_attention", "paged_decode_attention", "paged_prefill_attention",
+           "paged_kv_write", "layer_norm", "gelu_mlp", "reference", "uses_triton"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -210,3 +211,93 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> to
         with _launch_device(x):
             return _gelu_mlp.gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)
     return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)
+
+
+# ------------------------------------------------------------------------------- paged KV cache (engine)
+def _check_pages(q, k_pages, v_pages, block_table, n_rows: int):
+    """Shared checks of the paged ops: pages (num_blocks, block_size, H, D) matching q's heads."""
+    _check_tensor("k_pages", k_pages, 4)
+    _check_tensor("v_pages", v_pages, 4)
+    _check_same("k_pages", k_pages, "q", q)
+    _check_same("v_pages", v_pages, "q", q)
+    H, D = q.shape[-2] if q.dim() == 3 else q.shape[1], q.shape[-1]
+    num_blocks, block_size = k_pages.shape[:2]
+    _check_shape("k_pages", k_pages, (num_blocks, block_size, H, D))
+    _check_shape("v_pages", v_pages, (num_blocks, block_size, H, D))
+    _check_tensor("block_table", block_table, 2, dtypes=(torch.int32,))
+    _check_same("block_table", block_table, "q", q, dtype=False)
+    if block_table.shape[0] != n_rows:
+        raise ValueError(f"block_table must have {n_rows} rows (one per sequence), got shape {tuple(block_table.shape)}")
+    _check_head_dim(D)
+
+
+def paged_decode_attention(q, k_pages, v_pages, block_table, cache_seqlens, softmax_scale: float | None = None):
+    """One new query per sequence against a paged KV cache (the engine's decode step).
+
+    q: (B, H, 1, D); k_pages, v_pages: (num_blocks, block_size, H, D) (FlashAttention's paged layout);
+    block_table: int32 (B, max_blocks_per_seq), position p of row b lives in block block_table[b, p //
+    block_size] at offset p % block_size; cache_seqlens: int32 (B,), 1 <= len <= max_blocks_per_seq *
+    block_size, the new token's k/v already written. Table entries past a row's last block are never
+    read. No host sync: the call can be captured in a CUDA graph. Returns o: (B, H, 1, D), dtype of q.
+    """
+    _check_tensor("q", q, 4)
+    B, H, one, D = q.shape
+    if one != 1:
+        raise ValueError(f"q must hold one query per row, shape (B, H, 1, D); got {tuple(q.shape)}")
+    _check_pages(q, k_pages, v_pages, block_table, B)
+    _check_tensor("cache_seqlens", cache_seqlens, 1, dtypes=(torch.int32,))
+    _check_same("cache_seqlens", cache_seqlens, "q", q, dtype=False)
+    _check_shape("cache_seqlens", cache_seqlens, (B,))
+    scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    return reference.paged_decode_attention(q, k_pages, v_pages, block_table, cache_seqlens, softmax_scale=scale)
+
+
+def paged_prefill_attention(q, k_pages, v_pages, block_table, cu_seqlens_q, cache_seqlens,
+                            softmax_scale: float | None = None):
+    """Ragged packed queries against a paged KV cache: prefill, chunked prefill and prefix-cache hits.
+
+    q: (total_q, H, D), the queries of B sequences packed back to back; sequence b owns
+    q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] (cu_seqlens_q int32 (B + 1,), starting at 0), and those
+    q_len_b queries sit at the last q_len_b of its cache_seqlens[b] positions (int32 (B,)), their own
+    keys already written: causal, aligned bottom-right. Pages and block_table as in
+    ``paged_decode_attention``. Returns o: (total_q, H, D), dtype of q.
+    """
+    _check_tensor("q", q, 3)
+    _check_tensor("cu_seqlens_q", cu_seqlens_q, 1, dtypes=(torch.int32,))
+    _check_same("cu_seqlens_q", cu_seqlens_q, "q", q, dtype=False)
+    B = cu_seqlens_q.shape[0] - 1
+    if B < 1:
+        raise ValueError(f"cu_seqlens_q must hold B + 1 >= 2 offsets, got shape {tuple(cu_seqlens_q.shape)}")
+    _check_pages(q, k_pages, v_pages, block_table, B)
+    _check_tensor("cache_seqlens", cache_seqlens, 1, dtypes=(torch.int32,))
+    _check_same("cache_seqlens", cache_seqlens, "q", q, dtype=False)
+    _check_shape("cache_seqlens", cache_seqlens, (B,))
+    if q.shape[0] == 0:
+        raise ValueError("q holds no queries (total_q = 0)")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return reference.paged_prefill_attention(q, k_pages, v_pages, block_table, cu_seqlens_q, cache_seqlens,
+                                             softmax_scale=scale)
+
+
+def paged_kv_write(k, v, k_pages, v_pages, slot_mapping) -> None:
+    """Write new keys and values into their cache slots, in place.
+
+    k, v: (N, H, D), any strides (views of a fused qkv are fine); k_pages, v_pages: (num_blocks,
+    block_size, H, D); slot_mapping: int32 or int64 (N,), slot = block * block_size + offset; a negative
+    slot (a padding token of a CUDA-graph batch) writes nothing.
+    """
+    _check_tensor("k", k, 3)
+    _check_tensor("v", v, 3)
+    _check_same("v", v, "k", k)
+    _check_shape("v", v, tuple(k.shape))
+    _check_tensor("k_pages", k_pages, 4)
+    _check_tensor("v_pages", v_pages, 4)
+    _check_same("k_pages", k_pages, "k", k)
+    _check_same("v_pages", v_pages, "k", k)
+    N, H, D = k.shape
+    _check_shape("k_pages", k_pages, (k_pages.shape[0], k_pages.shape[1], H, D))
+    _check_shape("v_pages", v_pages, tuple(k_pages.shape))
+    _check_tensor("slot_mapping", slot_mapping, 1, dtypes=(torch.int32, torch.int64))
+    _check_same("slot_mapping", slot_mapping, "k", k, dtype=False)
+    _check_shape("slot_mapping", slot_mapping, (N,))
+    reference.paged_kv_write(k, v, k_pages, v_pages, slot_mapping)

@@ -1,4 +1,4 @@
-"""The four fused ops in plain PyTorch: the truth every Triton kernel is tested against.
+"""The fused ops in plain PyTorch: the truth every Triton kernel is tested against.
 
 These run the CPU path of the model too, and they support autograd (training on CPU goes through them).
 They take the validated arguments of the public ops in ``kernels`` (softmax_scale already resolved) and
@@ -60,3 +60,57 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> to
     """gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias (+ residual)."""
     y = F.linear(gelu_tanh(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
     return y if residual is None else y + residual
+
+
+# ------------------------------------------------------------------------------- paged KV cache (engine)
+def _gather_pages(pages: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """pages (num_blocks, bs, H, D), block_table (B, nb) -> (B, H, nb * bs, D), positions in table order.
+
+    Table entries past a row's last block may hold anything; they are clamped into range here and their
+    positions are masked by the caller (the kernels never read them)."""
+    B, nb = block_table.shape
+    idx = block_table.long().clamp(0, pages.shape[0] - 1)
+    g = pages[idx]  # (B, nb, bs, H, D)
+    return g.reshape(B, nb * pages.shape[1], pages.shape[2], pages.shape[3]).transpose(1, 2)
+
+
+def paged_decode_attention(q, k_pages, v_pages, block_table, cache_seqlens, softmax_scale: float | None = None):
+    """q (B,H,1,D) against the first cache_seqlens[b] positions of row b's pages -> (B,H,1,D).
+
+    Position p of row b lives in k_pages[block_table[b, p // bs], p % bs] (bs = k_pages.shape[1])."""
+    k = _gather_pages(k_pages, block_table)
+    v = _gather_pages(v_pages, block_table)
+    return decode_attention(q, k, v, cache_seqlens, softmax_scale=softmax_scale)
+
+
+def paged_prefill_attention(q, k_pages, v_pages, block_table, cu_seqlens_q, cache_seqlens,
+                            softmax_scale: float | None = None):
+    """Packed queries q (total_q, H, D) of B sequences -> (total_q, H, D).
+
+    Sequence b owns q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]: its last q_len_b positions among its
+    cache_seqlens[b] keys (their keys already written), causal bottom-right."""
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = cache_seqlens.tolist()
+    bs = k_pages.shape[1]
+    for b in range(len(lens)):
+        lo, hi, n = cu[b], cu[b + 1], lens[b]
+        if hi == lo:
+            continue
+        nb = -(-n // bs)
+        k = _gather_pages(k_pages, block_table[b:b + 1, :nb])[:, :, :n]  # (1, H, n, D)
+        v = _gather_pages(v_pages, block_table[b:b + 1, :nb])[:, :, :n]
+        qb = q[lo:hi].transpose(0, 1)[None]  # (1, H, q_len, D)
+        out[lo:hi] = flash_attention(qb, k, v, causal=True, softmax_scale=softmax_scale)[0].transpose(0, 1)
+    return out
+
+
+def paged_kv_write(k, v, k_pages, v_pages, slot_mapping) -> None:
+    """Write k, v (N, H, D) into slots slot_mapping (N,) of the pages, in place.
+
+    Slot s is position s % bs of block s // bs; a negative slot (a padding token) writes nothing."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    H, D = k_pages.shape[2], k_pages.shape[3]
+    k_pages.view(-1, H, D).index_copy_(0, slots, k[keep].to(k_pages.dtype))
+    v_pages.view(-1, H, D).index_copy_(0, slots, v[keep].to(v_pages.dtype))
