@@ -97,7 +97,9 @@ def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = 
 
     q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tq <= Tk; any strides (views of a fused qkv are fine).
     The causal mask is aligned bottom-right: query i sees keys j <= i + Tk - Tq.
-    softmax_scale defaults to D ** -0.5. Returns o: (B, H, Tq, D), dtype of q.
+    softmax_scale defaults to D ** -0.5. Returns o: (B, H, Tq, D), dtype of q (autocast's dtype under
+    autocast). Differentiable on every path; the Triton backward writes the gradients of q, k, v views
+    of one fused (B, T, 3, H, D) tensor straight into that tensor's gradient.
     """
     _check_tensor("q", q, 4)
     _check_tensor("k", k, 4)
@@ -114,9 +116,15 @@ def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = 
     if Tq > Tk:
         raise ValueError(f"q has more positions (Tq={Tq}) than k/v (Tk={Tk}); Tq <= Tk is required")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
-    if _dispatch_to_triton(q, k, v):
+    # Unlike _dispatch_to_triton, neither autograd nor autocast sends this op to the reference: the
+    # kernel has a backward, and under autocast q, k, v are cast as autocast casts a matmul's inputs
+    # (softmax statistics and accumulation stay fp32 inside the kernels).
+    if uses_triton(q):
+        if torch.is_autocast_enabled(q.device.type):
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = (t.to(dtype) for t in (q, k, v))  # no copy when already that dtype
         with _launch_device(q):
-            return _attention.flash_attention_fwd(q, k, v, causal=bool(causal), softmax_scale=scale)
+            return _attention.flash_attention(q, k, v, causal=bool(causal), softmax_scale=scale)
     return reference.flash_attention(q, k, v, causal=causal, softmax_scale=scale)
 
 

@@ -63,6 +63,8 @@ Triton fused-attention tutorial; Milakov & Gimelshein, "Online normalizer calcul
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -789,6 +791,99 @@ def flash_attention_bwd(do, q, k, v, o, lse, *, causal: bool, softmax_scale: flo
         _launch_bwd("dq", (q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
                            *dq.stride(), *sizes), meta, B * H, q, dq_config, aligned)
     return dq, dk, dv
+
+
+# -------------------------------------------------------------------------------------------- autograd
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's CUDA device (the backward may run on another thread's current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class _FlashAttention(torch.autograd.Function):
+    """o = attention(q, k, v). Saves q, k, v, o and the (B, H, Tq) fp32 log-sum-exp; the backward
+    recomputes P block by block from them, so no (Tq, Tk) tensor is ever kept."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, softmax_scale: float):
+        o, lse = flash_attention_fwd(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.softmax_scale = causal, softmax_scale
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels have no backward of their own
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        with _on_device(q):
+            dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, causal=ctx.causal, softmax_scale=ctx.softmax_scale,
+                                             need_dq=ctx.needs_input_grad[0])
+        return dq, dk, dv, None, None
+
+
+class _FlashAttentionFusedQKV(torch.autograd.Function):
+    """The same op when q, k, v are the three (B, H, T, D) views of one (B, T, 3, H, D) tensor qkv (the
+    model's projection, see _fused_qkv_base). Autograd sees qkv itself as the input, and the backward
+    writes dq, dk, dv into the matching views of one buffer shaped like qkv: its gradient arrives whole,
+    without the copy that stacking three separate gradients back through unbind would cost."""
+
+    @staticmethod
+    def forward(ctx, qkv, view, causal: bool, softmax_scale: float):
+        q, k, v = _views_of(qkv, view)
+        o, lse = flash_attention_fwd(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.view, ctx.causal, ctx.softmax_scale = view, causal, softmax_scale
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        qkv, o, lse = ctx.saved_tensors
+        dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        with _on_device(qkv):
+            flash_attention_bwd(do, *_views_of(qkv, ctx.view), o, lse, causal=ctx.causal,
+                                softmax_scale=ctx.softmax_scale, grads=_views_of(dqkv, ctx.view))
+        return dqkv, None, None, None
+
+
+def _views_of(base: torch.Tensor, view: tuple):
+    """The q, k, v views (shape, stride, element offsets from base's start) of a contiguous base."""
+    shape, stride, offsets = view
+    return tuple(base.as_strided(shape, stride, base.storage_offset() + off) for off in offsets)
+
+
+def _fused_qkv_base(q, k, v):
+    """The tensor qkv when q, k, v are exactly qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4) unbound
+    (q, k, v in that order), contiguous and nothing more, and all three are differentiable views of it
+    (grad_fn set: their gradient reaches qkv through view ops alone); else None. The three views then
+    cover every element of qkv once, so a buffer shaped like it is fully written by dq, dk, dv."""
+    base = q._base
+    if base is None or k._base is not base or v._base is not base or not base.requires_grad:
+        return None
+    if any(t.grad_fn is None for t in (q, k, v)) or not base.is_contiguous():
+        return None
+    B, H, T, D = q.shape
+    if k.shape != q.shape or v.shape != q.shape or base.numel() != 3 * B * T * H * D:
+        return None
+    want = (T * 3 * H * D, D, 3 * H * D, 1)
+    for i, t in enumerate((q, k, v)):
+        if any(n > 1 and st != w for n, st, w in zip(t.shape, t.stride(), want)):
+            return None
+        if t.storage_offset() - base.storage_offset() != i * H * D:
+            return None
+    return base
+
+
+def flash_attention(q, k, v, *, causal: bool, softmax_scale: float) -> torch.Tensor:
+    """The Triton path of kernels.flash_attention (validated there): q (B, H, Tq, D), k/v (B, H, Tk, D)
+    -> o (B, H, Tq, D). The plain forward when autograd records nothing; else the differentiable op,
+    through the fused-qkv form when q, k, v are views of one projection."""
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return flash_attention_fwd(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    qkv = _fused_qkv_base(q, k, v)
+    if qkv is not None:
+        view = (tuple(q.shape), tuple(q.stride()), tuple(t.storage_offset() - qkv.storage_offset() for t in (q, k, v)))
+        return _FlashAttentionFusedQKV.apply(qkv, view, causal, softmax_scale)
+    return _FlashAttention.apply(q, k, v, causal, softmax_scale)
 
 
 def compile_specs() -> list[KernelSpec]:
