@@ -657,23 +657,20 @@ DQ_CONFIGS_16 = _bwd_table([
     (64, 64, 8, 2, 128, 128),
     (64, 32, 8, 2, 128, 128),
 ])
-# fp16/bf16 rows that cannot load as 128-bit vectors (odd D, misaligned views): scalar loads need
-# many address registers, so small streamed tiles; the held block stays 64 rows on sm_90, the least
-# a Hopper wgmma takes (smaller ones compile to the older mma.sync), which dQ cannot afford on sm_80.
-DKDV_CONFIGS_UNALIGNED = _bwd_table([(16, 64, 8, 2, 128, 128)])
-DQ_CONFIGS_UNALIGNED = _bwd_table([(64, 16, 8, 2, 128, 0), (32, 32, 8, 2, 0, 128)])
+# fp16/bf16 rows that cannot load as 128-bit vectors have no list: flash_attention_bwd stages them
+# through row-aligned copies, because every scalar-load tile that keeps sm_90's wgmma (a 64-row held
+# block) spilled at D = 128 under Triton 3.6 in the compile report, and smaller ones lose the wgmma.
 # fp32: IEEE dots on the FMA units, small tiles as in the forward.
 DKDV_CONFIGS_32 = _bwd_table([(16, 32, 8, 2, 128, 128), (16, 16, 4, 2, 128, 128)])
 DQ_CONFIGS_32 = _bwd_table([(32, 16, 8, 2, 128, 128), (16, 16, 4, 2, 128, 128)])
 _BWD_LISTS = {
-    "dkdv": {"16": DKDV_CONFIGS_16, "unaligned": DKDV_CONFIGS_UNALIGNED, "32": DKDV_CONFIGS_32},
-    "dq": {"16": DQ_CONFIGS_16, "unaligned": DQ_CONFIGS_UNALIGNED, "32": DQ_CONFIGS_32},
+    "dkdv": {"16": DKDV_CONFIGS_16, "32": DKDV_CONFIGS_32},
+    "dq": {"16": DQ_CONFIGS_16, "32": DQ_CONFIGS_32},
 }
 
 
-def _bwd_config_list(kernel: str, dtype: torch.dtype, aligned: bool) -> list:
-    kind = "32" if dtype == torch.float32 else ("16" if aligned else "unaligned")
-    return _BWD_LISTS[kernel][kind]
+def _bwd_config_list(kernel: str, dtype: torch.dtype) -> list:
+    return _BWD_LISTS[kernel]["32" if dtype == torch.float32 else "16"]
 
 
 def _bwd_smem_estimate(kernel: str, cfg: triton.Config, block_d: int, elt: int) -> int:
@@ -727,11 +724,11 @@ def _bwd_tuner(kernel: str, configs: list, t_q: int, t_k: int):
     return _BWD_TUNERS[bucket]
 
 
-def _launch_bwd(kernel: str, args: tuple, meta: dict, grid_bh: int, q, config, aligned: bool):
+def _launch_bwd(kernel: str, args: tuple, meta: dict, grid_bh: int, q, config):
     """Launch one backward kernel: the autotuner on CUDA, else `config` or the first survivor of the prune.
     args end with (H, T_Q, T_K, qk_scale, sm_scale), positional so the prune can read them."""
     fn = _attn_bwd_dkdv if kernel == "dkdv" else _attn_bwd_dq
-    configs = _bwd_config_list(kernel, q.dtype, aligned)
+    configs = _bwd_config_list(kernel, q.dtype)
     t_q, t_k = args[-4], args[-3]
     held, n_rows = ("BLOCK_N", t_k) if kernel == "dkdv" else ("BLOCK_M", t_q)
 
@@ -747,7 +744,7 @@ def _launch_bwd(kernel: str, args: tuple, meta: dict, grid_bh: int, q, config, a
     if config is None:
         config = _bwd_prune(kernel)(configs, {"T_Q": t_q, "T_K": t_k, "Q": q}, **meta)[0]
     elif config not in configs:
-        raise ValueError(f"{kernel} config {config} is not in the list for {q.dtype}, aligned={aligned}")
+        raise ValueError(f"{kernel} config {config} is not in the list for {q.dtype}")
     fn[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
                             num_stages=config.num_stages)
 
@@ -760,8 +757,9 @@ def flash_attention_bwd(do, q, k, v, o, lse, *, causal: bool, softmax_scale: flo
     q, o, do (B, H, Tq, D), k/v (B, H, Tk, D), any strides; lse (B, H, Tq) fp32 from
     flash_attention_fwd(..., return_lse=True) on the same inputs. Returns (dq, dk, dv) in q's dtype,
     written into `grads` when given (three tensors of q's, k's, v's shapes, e.g. the views of one fused
-    (B, T, 3, H, D) buffer), else into new contiguous tensors; dq is None without need_dq. The configs
-    force one entry of each kernel's list (tests walk them all), as in flash_attention_fwd.
+    (B, T, 3, H, D) buffer), else into new tensors (contiguous, or with padded rows where 16-bit rows of
+    D elements are not a whole number of 16 bytes); dq is None without need_dq. The configs force one
+    entry of each kernel's list (tests walk them all), as in flash_attention_fwd.
     """
     if q.dtype == torch.bfloat16 and not q.is_cuda:
         raise NotImplementedError("bf16 flash_attention needs a GPU: Triton's interpreter computes bf16 "
@@ -769,10 +767,8 @@ def flash_attention_bwd(do, q, k, v, o, lse, *, causal: bool, softmax_scale: flo
     B, H, T_q, D = q.shape
     T_k = k.shape[2]
     if grads is None:
-        grads = (torch.empty((B, H, T_q, D), dtype=q.dtype, device=q.device) if need_dq else None,
-                 torch.empty((B, H, T_k, D), dtype=q.dtype, device=q.device),
-                 torch.empty((B, H, T_k, D), dtype=q.dtype, device=q.device))
-    dq, dk, dv = grads
+        grads = (_empty_rows((B, H, T_q, D), q) if need_dq else None, _empty_rows((B, H, T_k, D), q),
+                 _empty_rows((B, H, T_k, D), q))
     block_d = max(16, triton.next_power_of_2(D))
 
     # delta = rowsum(dO * O): a pass over two (Tq, D) tensors, about 4k elements a program
@@ -782,15 +778,47 @@ def flash_attention_bwd(do, q, k, v, o, lse, *, causal: bool, softmax_scale: flo
         o, do, delta, *o.stride(), *do.stride(), H, T_q,
         HEAD_DIM=D, BLOCK_D=block_d, ALIGNED=_aligned(o, do), BLOCK_M=pre_rows, num_warps=4)
 
+    # 16-bit rows that cannot load as 128-bit vectors (odd D, misaligned views, feature strides) are
+    # staged through copies with padded rows: O(T * D) more traffic on a rare path, where the
+    # scalar-load tiles of these kernels spill on sm_90 at D = 128 (the compile report shows it)
+    staged = q.dtype != torch.float32 and not _aligned(*(t for t in (q, k, v, do, *grads) if t is not None))
+    if staged:
+        q, k, v, do = (_staged(t, copy=True) for t in (q, k, v, do))
+        outputs, grads = grads, tuple(None if g is None else _staged(g, copy=False) for g in grads)
+    dq, dk, dv = grads
     aligned = _aligned(q, k, v, do, dk, dv, *((dq,) if dq is not None else ()))
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=bool(causal), ALIGNED=aligned)
     sizes = (H, T_q, T_k, float(softmax_scale) * LOG2E, float(softmax_scale))
     _launch_bwd("dkdv", (q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-                         *dk.stride(), *dv.stride(), *sizes), meta, B * H, q, dkdv_config, aligned)
+                         *dk.stride(), *dv.stride(), *sizes), meta, B * H, q, dkdv_config)
     if dq is not None:
         _launch_bwd("dq", (q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-                           *dq.stride(), *sizes), meta, B * H, q, dq_config, aligned)
+                           *dq.stride(), *sizes), meta, B * H, q, dq_config)
+    if staged:
+        for out, g in zip(outputs, grads):
+            if out is not None and out is not g:
+                out.copy_(g)
+        return outputs
     return dq, dk, dv
+
+
+def _empty_rows(shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (B, H, T, D) tensor of like's dtype whose rows start on 16 bytes: 16-bit rows of D
+    elements that are not a whole number of 16 bytes are padded (it is then a view of the first D
+    columns; the kernels mask features >= D, so the padding is never read)."""
+    D = shape[3]
+    vec = 16 // like.element_size()
+    width = D if like.dtype == torch.float32 else -(-D // vec) * vec
+    return torch.empty((*shape[:3], width), dtype=like.dtype, device=like.device)[..., :D]
+
+
+def _staged(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    """t itself when its rows load as 128-bit vectors, else a row-aligned stand-in (t's values copied in
+    when `copy`)."""
+    if _aligned(t):
+        return t
+    buf = _empty_rows(tuple(t.shape), t)
+    return buf.copy_(t) if copy else buf
 
 
 # -------------------------------------------------------------------------------------------- autograd
@@ -938,8 +966,8 @@ _BWD_KERNELS = {  # name -> (kernel, its tensors in argument order)
 
 def _backward_compile_specs() -> list[KernelSpec]:
     """Every backward config at the largest head dim its table row admits on each architecture (what
-    _bwd_prune lets run there), causal (both loops), alternating the 16-bit dtypes; plus non-causal,
-    padded, unaligned and feature-strided variants, fp32, and the preprocess."""
+    _bwd_prune lets run there), causal (both loops), alternating the 16-bit dtypes; plus a non-causal
+    padded head dim, fp32 unaligned and feature-strided variants, and the preprocess."""
 
     def spec(kernel, cfg, dtype, d, causal=True, aligned=True, unit_d=True, archs=(90, 80)):
         fn, tensors = _BWD_KERNELS[kernel]
@@ -969,9 +997,10 @@ def _backward_compile_specs() -> list[KernelSpec]:
     specs = []
     for kernel in ("dkdv", "dq"):
         lists = _BWD_LISTS[kernel]
-        for kind, dtypes in (("16", ("fp16", "bf16")), ("unaligned", ("fp16", "bf16")), ("32", ("fp32",))):
-            # fp32 has one list for both alignments: dK/dV's compile unaligned, dQ's aligned
-            aligned = kind == "16" or (kind == "32" and kernel == "dq")
+        for kind, dtypes in (("16", ("fp16", "bf16")), ("32", ("fp32",))):
+            # 16-bit rows are always aligned (staged otherwise); fp32 has one list for both alignments:
+            # dK/dV's compile unaligned, dQ's aligned
+            aligned = kind == "16" or kernel == "dq"
             for i, cfg in enumerate(lists[kind]):
                 dtype, reach = dtypes[i % len(dtypes)], _BWD_REACH[id(cfg)]
                 if reach[9] == reach[8]:
@@ -981,8 +1010,8 @@ def _backward_compile_specs() -> list[KernelSpec]:
                               for arch, d in ((90, reach[9]), (80, reach[8])) if d]
         # a padded head dim (BLOCK_D 128, masked feature loads), non-causal, on the fallback config
         specs.append(spec(kernel, lists["16"][-1], "bf16", 80, causal=False))
-        # q/k/v transposed in their last dims (feature stride not 1), on the sm_90 unaligned config
-        specs.append(spec(kernel, lists["unaligned"][0], "bf16", 128, aligned=False, unit_d=False, archs=(90,)))
+        # fp32 q/k/v transposed in their last dims (feature stride not 1)
+        specs.append(spec(kernel, lists["32"][0], "fp32", 128, aligned=False, unit_d=False, archs=(90,)))
 
     def preprocess(dtype, d, aligned=True, unit_d=True):
         sig = {"O": "*" + dtype, "DO": "*" + dtype, "DELTA": "*fp32"}

@@ -239,10 +239,9 @@ def _n_configs(kind):
     return max(len(attention._BWD_LISTS[name][kind]) for name in ("dkdv", "dq"))
 
 
-BWD_CONFIG_CASES = (  # list, index, dtype, D (20 fp16 / 33 fp32: rows are not whole 16-byte units)
+BWD_CONFIG_CASES = (  # list, index, dtype, D (20 fp16 is staged; 33 fp32 runs unaligned)
     [("16", i, torch.float16, 64) for i in range(_n_configs("16"))]
-    + [("16", 0, torch.float16, 128), ("16", 2, torch.float16, 80)]
-    + [("unaligned", i, torch.float16, 20) for i in range(_n_configs("unaligned"))]
+    + [("16", 0, torch.float16, 128), ("16", 2, torch.float16, 80), ("16", 4, torch.float16, 20)]
     + [("32", i, torch.float32, D) for i in range(_n_configs("32")) for D in (48, 33)]
 )
 
@@ -269,6 +268,37 @@ def test_every_backward_config(interpreter_path, kind, index, dtype, D, causal):
     grads = attention.flash_attention_bwd(do, q, k, v, o, lse, causal=causal, softmax_scale=D**-0.5,
                                           dkdv_config=dkdv_config, dq_config=dq_config)
     _check_grads(grads, q, k, v, do, causal, D**-0.5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_unaligned_16bit_rows_are_staged(interpreter_path, monkeypatch, fused):
+    """fp16 rows of 20 elements (40 bytes) or a base off the 16-byte grid: the kernels still run their
+    aligned (vector-load) build, on row-padded copies, and the results land in the caller's tensors."""
+    launched = []
+    real = attention._launch_bwd
+
+    def spy(kernel, args, meta, *rest):
+        launched.append(meta["ALIGNED"])
+        return real(kernel, args, meta, *rest)
+
+    monkeypatch.setattr(attention, "_launch_bwd", spy)
+    if fused:  # q, k, v and the gradient buffer all views of one (B, T, 3, H, 20) tensor
+        _, q, k, v = _fused(1, 45, 2, 20, torch.float16, seed=20)
+        q, k, v = q.detach(), k.detach(), v.detach()
+        do = _rand((1, 2, 45, 20), torch.float16, torch.Generator().manual_seed(21))
+        dqkv = torch.empty(1, 45, 3, 2, 20, dtype=torch.float16, device=q.device)
+        grads = tuple(dqkv[:, :, i].transpose(1, 2) for i in range(3))
+    else:  # offset by one element: every row misaligned
+        g = torch.Generator().manual_seed(22)
+        q, k, v, do = (_rand((1 + 2 * 45 * 64,), torch.float16, g)[1:].view(1, 2, 45, 64) for _ in range(4))
+        grads = None
+    assert not attention._aligned(q, k, v, do)
+    o, lse = attention.flash_attention_fwd(q, k, v, causal=True, softmax_scale=0.2, return_lse=True)
+    out = attention.flash_attention_bwd(do, q, k, v, o, lse, causal=True, softmax_scale=0.2, grads=grads)
+    assert launched == [True, True]
+    if fused:
+        assert all(a is b for a, b in zip(out, grads))
+    _check_grads(out, q, k, v, do, True, 0.2)
 
 
 def test_backward_config_must_fit_the_tensors(interpreter_path):
