@@ -660,9 +660,10 @@ DQ_CONFIGS_16 = _bwd_table([
 # fp16/bf16 rows that cannot load as 128-bit vectors have no list: flash_attention_bwd stages them
 # through row-aligned copies, because every scalar-load tile that keeps sm_90's wgmma (a 64-row held
 # block) spilled at D = 128 under Triton 3.6 in the compile report, and smaller ones lose the wgmma.
-# fp32: IEEE dots on the FMA units, small tiles as in the forward.
-DKDV_CONFIGS_32 = _bwd_table([(16, 32, 8, 2, 128, 128), (16, 16, 4, 2, 128, 128)])
-DQ_CONFIGS_32 = _bwd_table([(32, 16, 8, 2, 128, 128), (16, 16, 4, 2, 128, 128)])
+# fp32: IEEE dots on the FMA units, small tiles as in the forward; one each, as fp32 is the parity
+# path, not a speed target.
+DKDV_CONFIGS_32 = _bwd_table([(16, 32, 8, 2, 128, 128)])
+DQ_CONFIGS_32 = _bwd_table([(32, 16, 8, 2, 128, 128)])
 _BWD_LISTS = {
     "dkdv": {"16": DKDV_CONFIGS_16, "32": DKDV_CONFIGS_32},
     "dq": {"16": DQ_CONFIGS_16, "32": DQ_CONFIGS_32},
@@ -998,9 +999,9 @@ def _backward_compile_specs() -> list[KernelSpec]:
     for kernel in ("dkdv", "dq"):
         lists = _BWD_LISTS[kernel]
         for kind, dtypes in (("16", ("fp16", "bf16")), ("32", ("fp32",))):
-            # 16-bit rows are always aligned (staged otherwise); fp32 has one list for both alignments:
-            # dK/dV's compile unaligned, dQ's aligned
-            aligned = kind == "16" or kernel == "dq"
+            # 16-bit rows are always aligned (staged otherwise); fp32 runs both ways: dK/dV's compile
+            # aligned, dQ's unaligned (and feature-strided, below)
+            aligned = kind == "16" or kernel == "dkdv"
             for i, cfg in enumerate(lists[kind]):
                 dtype, reach = dtypes[i % len(dtypes)], _BWD_REACH[id(cfg)]
                 if reach[9] == reach[8]:
@@ -1010,8 +1011,8 @@ def _backward_compile_specs() -> list[KernelSpec]:
                               for arch, d in ((90, reach[9]), (80, reach[8])) if d]
         # a padded head dim (BLOCK_D 128, masked feature loads), non-causal, on the fallback config
         specs.append(spec(kernel, lists["16"][-1], "bf16", 80, causal=False))
-        # fp32 q/k/v transposed in their last dims (feature stride not 1)
-        specs.append(spec(kernel, lists["32"][0], "fp32", 128, aligned=False, unit_d=False, archs=(90,)))
+    # fp32 q/k/v transposed in their last dims (feature stride not 1)
+    specs.append(spec("dq", DQ_CONFIGS_32[0], "fp32", 128, aligned=False, unit_d=False, archs=(90,)))
 
     def preprocess(dtype, d, aligned=True, unit_d=True):
         sig = {"O": "*" + dtype, "DO": "*" + dtype, "DELTA": "*fp32"}
