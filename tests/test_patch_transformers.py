@@ -139,11 +139,13 @@ def test_base_model_matches(reference_path, op_calls):
     assert op_calls["flash_attention"] == ODD["n_layer"]
 
 
-def test_logits_match_through_triton_kernels(interpreter_path, launches):
-    patched, hf = _pair(seed=3)
-    ids = random_ids(2, 13, ODD["vocab_size"], seed=6)
+@pytest.mark.parametrize("size", ["odd", "variants"])
+def test_logits_match_through_triton_kernels(interpreter_path, launches, size):
+    cfg = SIZES[size]
+    patched, hf = _pair(seed=3, **cfg)
+    ids = random_ids(2, 13, cfg["vocab_size"], seed=6)
     assert max_rel_err(_logits(patched, ids), _logits(hf, ids)) <= FP32_REL_TOL
-    L = ODD["n_layer"]
+    L = cfg["n_layer"]
     assert launches == {"flash_attention_fwd": L, "layer_norm_fwd": 2 * L + 1, "gelu_mlp_fwd": L}
 
 
