@@ -125,6 +125,10 @@ GENERATE_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("prompt", 
 POSITION_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("dtype", "dtype", ""),
                     ("context", "context", "d"), ("decode ms/token", "decode_ms", ".3f"),
                     ("floor ms", "floor_ms", ".3f"), ("vs shortest context", "vs_first", "x")]
+PATCH_COLUMNS = [("model", "model", ""), ("phase", "phase", ""), ("shape", "shape", ""), ("dtype", "dtype", ""),
+                 ("path", "backend", ""), ("patched ms", "patched_ms", ".3f"), ("HF ms", "hf_ms", ".3f"),
+                 ("speedup", "speedup", "x"), ("goal", "goal", "x"), ("patched tok/s", "patched_tok_s", ".0f"),
+                 ("HF tok/s", "hf_tok_s", ".0f")]
 CHECK_COLUMNS = [("op", "op", ""), ("case", "case", ""), ("dtype", "dtype", ""), ("max err", "max_err", ".2e"),
                  ("tol", "tol", ".1e"), ("ok", "ok", "")]
 
@@ -176,6 +180,10 @@ def render(doc: dict, markdown: bool = False) -> str:
         out.append(h("Generation: tokens/s against transformers on the same weights; decode against the "
                      "weight-streaming floor"))
         out.append(format_table(gen, GENERATE_COLUMNS, markdown))
+    patch = rows_of(rows, "patch")
+    if patch:
+        out.append(h("transformers GPT-2 patched by fastgpt vs unpatched (SDPA), same weights"))
+        out.append(format_table(patch, PATCH_COLUMNS, markdown))
     pos = rows_of(rows, "decode_position")
     if pos:
         out.append(h("Decode cost per token by context length (should stay flat)"))
