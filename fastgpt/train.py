@@ -481,7 +481,8 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
         block_size = state["block_size"]
         try:
             data = open_data(out_dir, tokenizer.vocab_size)
-            matches = (len(data["train"]), 0 if data["val"] is None else len(data["val"])) == tuple(state["data_tokens"])
+            lengths = (len(data["train"]), 0 if data["val"] is None else len(data["val"]))
+            matches = lengths == tuple(state["data_tokens"])
         except (OSError, ValueError):
             matches = False
         if not parallel.all_true(world, matches):  # the data dir was removed or replaced: tokenise again, same result

@@ -49,6 +49,9 @@ def tensor_parallel_checks(out, bundled, gpt2_shaped, tiny_bin, three_heads) -> 
         model = parallel.load_tensor_parallel(gpt2_shaped)
         results["gpt2_shaped_logits"] = model(random_ids(1, 9, model.config.vocab_size, seed=2))
         results["gpt2_shaped_wte_rows"] = model.transformer.wte.weight.shape[0]
+        results["gpt2_shaped_params"] = model.num_params()
+        results["gpt2_shaped_param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+        results["gpt2_shaped_storage_bytes"] = sum(p.untyped_storage().nbytes() for p in model.parameters())
         del model
 
         # pytorch_model.bin (memory-mapped), an odd vocabulary (one padding row), and the Triton kernels
@@ -66,8 +69,37 @@ def tensor_parallel_checks(out, bundled, gpt2_shaped, tiny_bin, three_heads) -> 
             results["three_heads_error"] = None
         except ValueError as e:
             results["three_heads_error"] = str(e)
+    results.update(ddp_sync_check(world))
     torch.save(results, os.path.join(out, f"rank{world.rank}.pt"))
     parallel.destroy_process_group()
+
+
+def ddp_sync_check(world) -> dict:
+    """Two micro-steps through parallel.gradient_sync: the first leaves each rank its local gradient, the
+    last one all-reduces the accumulated sums into their mean."""
+    from fastgpt.config import GPTConfig
+    from fastgpt.train import loss_sum_and_count
+
+    _reference_path(True)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_embd=16, n_head=2, n_layer=1, n_positions=16))
+    ddp = parallel.wrap_for_training(model, world, torch.device("cpu"))
+    batches = [random_ids(2, 8, 64, seed=10 + 2 * world.rank + m) for m in range(2)]
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    seen = {}
+    for m, ids in enumerate(batches):
+        with parallel.gradient_sync(ddp, enabled=m == 1):
+            loss, n = loss_sum_and_count(ddp, ids[:, :-1], ids[:, 1:])
+            (loss / n).backward()
+        key = "ddp_grad_after_sync" if m == 1 else "ddp_grad_after_no_sync"
+        seen[key] = parallel.gather_objects(world, weight.grad.clone())
+    # what this rank's two micro-steps alone would accumulate, without DDP
+    model.zero_grad()
+    for ids in batches:
+        loss, n = loss_sum_and_count(model, ids[:, :-1], ids[:, 1:])
+        (loss / n).backward()
+    seen["ddp_local_sums"] = parallel.gather_objects(world, weight.grad.clone())
+    return seen
 
 
 def train_run(out, config_json, resume=False) -> None:

@@ -123,7 +123,8 @@ def test_qkv_shard_holds_q_k_v_of_its_own_heads():
 def test_row_parallel_and_vocab_shards_cover_the_whole():
     config = GPTConfig(vocab_size=101, n_embd=12, n_head=6, n_layer=1, n_positions=8)
     tp = 2
-    for name, shape in (("transformer.h.0.attn.c_proj.weight", (12, 12)), ("transformer.h.0.mlp.c_proj.weight", (12, 48)),
+    for name, shape in (("transformer.h.0.attn.c_proj.weight", (12, 12)),
+                        ("transformer.h.0.mlp.c_proj.weight", (12, 48)),
                         ("transformer.h.0.mlp.c_fc.weight", (48, 12)), ("transformer.h.0.mlp.c_fc.bias", (48,))):
         full = torch.randn(shape)
         dim = shard_plan(name, config, 0, tp)[0]
@@ -147,7 +148,8 @@ def test_row_parallel_and_vocab_shards_cover_the_whole():
 
 def test_tensor_parallel_size_must_divide_the_heads():
     check_tensor_parallel(GPTConfig(n_head=12, n_embd=768), 4)
-    with pytest.raises(ValueError, match=r"tensor-parallel size 2 does not divide the model's 25 attention heads.*\[1, 5, 25\]"):
+    message = r"tensor-parallel size 2 does not divide the model's 25 attention heads.*\[1, 5, 25\]"
+    with pytest.raises(ValueError, match=message):
         check_tensor_parallel(GPTConfig(n_head=25, n_embd=1600), 2)
     with pytest.raises(ValueError, match="integer >= 1"):
         check_tensor_parallel(GPTConfig(), 0)
@@ -208,9 +210,13 @@ def test_tp_logits_match_one_process(tp_results, tp_checkpoints, reference_path)
             assert err <= FP32_TOL, f"{name}, rank {rank}: max relative error {err:.2e}"
         # every rank ends with the very same logits (results of the same all-gather): same sampling
         assert torch.equal(tp_results[0][f"{name}_logits"], tp_results[1][f"{name}_logits"])
-    # each rank holds half the heads (and caches only those), and half the padded vocabulary
+    # each rank holds half the heads (and caches only those), and half the padded vocabulary, in tensors
+    # that own their storage (no view of a whole tensor keeps it alive)
     assert all(r["bundled_heads_per_rank"] == 3 and r["bundled_kv_heads"] == 3 for r in tp_results)
     assert all(r["gpt2_shaped_wte_rows"] == 25129 for r in tp_results)
+    assert all(r["gpt2_shaped_param_bytes"] == r["gpt2_shaped_storage_bytes"] for r in tp_results)
+    full = GPT.from_pretrained(tp_checkpoints["gpt2_shaped"]).num_params()
+    assert tp_results[0]["gpt2_shaped_params"] < 0.55 * full  # the shard, plus the small replicated parts
 
 
 def test_tp_greedy_generation_matches_one_process(tp_results, tp_checkpoints, reference_path):
@@ -238,6 +244,15 @@ def test_naive_qkv_split_is_wrong(tp_results, tp_checkpoints, reference_path):
     expected = one_process(tp_checkpoints["bundled"], lambda m: m(ids))
     for got in tp_results:
         assert max_rel_err(got["bundled_naive_qkv_logits"], expected) > 0.05
+
+
+def test_ddp_syncs_gradients_on_the_last_micro_step_only(tp_results):
+    for got in tp_results:
+        first, last = got["ddp_grad_after_no_sync"], got["ddp_grad_after_sync"]
+        assert not torch.equal(first[0], first[1])  # local gradients only: each rank's own micro-batch
+        assert torch.equal(last[0], last[1])  # synced: the same mean on both ranks
+        torch.testing.assert_close(last[0], (got["ddp_local_sums"][0] + got["ddp_local_sums"][1]) / 2,
+                                   rtol=FP32_TOL, atol=1e-7)
 
 
 def test_tp_size_not_dividing_heads_fails_alike_on_every_rank(tp_results):
@@ -289,12 +304,14 @@ def corpus(tmp_path_factory):
     for i in range(12):
         text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(150, 250)))
         (root / "corpus" / f"doc{i}.txt").write_text(text + "\n", encoding="utf-8")
-    Tokenizer.train([(root / "corpus" / f"doc{i}.txt").read_text() for i in range(12)], vocab_size=280).save(root / "tok")
+    texts = [(root / "corpus" / f"doc{i}.txt").read_text() for i in range(12)]
+    Tokenizer.train(texts, vocab_size=280).save(root / "tok")
     return root
 
 
-# 2 ranks x batch 2 x accum 1 against 1 process x batch 2 x accum 2; checkpoints every 2 steps
-DP_RUN = dict(n_layer=2, n_head=2, n_embd=32, n_positions=32, block_size=32, batch_size=2, max_steps=16, lr=3e-3,
+# 2 ranks x batch 2 x accum 2 against 1 process x batch 2 x accum 4; checkpoints every 2 steps
+DP_RUN = dict(n_layer=2, n_head=2, n_embd=32, n_positions=32, block_size=32, batch_size=2, grad_accum=2,
+              max_steps=16, lr=3e-3,
               warmup_steps=3, eval_interval=8, eval_iters=3, checkpoint_interval=2, keep_checkpoints=100,
               log_interval=1, seed=4, val_fraction=0.1)
 
@@ -317,10 +334,10 @@ def cli_flags(config: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def single_run(corpus):
-    """The reference: one process with grad-accum 2."""
+    """The reference: one process with grad-accum 4."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "0")
-        result = train(TrainConfig(**dp_config(corpus, corpus / "single", grad_accum=2, threads=1)),
+        result = train(TrainConfig(**dp_config(corpus, corpus / "single", grad_accum=4, threads=1)),
                        stream=open(os.devnull, "w"))
     return result
 
@@ -364,7 +381,7 @@ def test_ddp_two_ranks_train_as_one_process_with_twice_the_accumulation(single_r
 
 def test_fsdp_two_ranks_train_as_one_process_and_resume_exactly(corpus, tmp_path, reference_path):
     short = dict(max_steps=4, checkpoint_interval=2, eval_interval=2)
-    one = train(TrainConfig(**dp_config(corpus, tmp_path / "single", grad_accum=2, threads=1, **short)),
+    one = train(TrainConfig(**dp_config(corpus, tmp_path / "single", grad_accum=4, threads=1, **short)),
                 stream=open(os.devnull, "w"))
     out = corpus / "fsdp"
     config = dp_config(corpus, out, fsdp=True, **short)
