@@ -129,6 +129,13 @@ PATCH_COLUMNS = [("model", "model", ""), ("phase", "phase", ""), ("shape", "shap
                  ("path", "backend", ""), ("patched ms", "patched_ms", ".3f"), ("HF ms", "hf_ms", ".3f"),
                  ("speedup", "speedup", "x"), ("goal", "goal", "x"), ("patched tok/s", "patched_tok_s", ".0f"),
                  ("HF tok/s", "hf_tok_s", ".0f")]
+TP_DECODE_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("context", "context", "d"),
+                     ("dtype", "dtype", ""), ("TP", "tp", "d"), ("decode ms/step", "decode_ms", ".3f"),
+                     ("tok/s", "tok_s", ".1f"), ("vs TP=1", "vs_one", "x"),
+                     ("collectives ms/step", "comm_ms", ".3f"), ("% of step", "comm_pct", "%")]
+DP_TRAIN_COLUMNS = [("model", "model", ""), ("mode", "mode", ""), ("ranks", "ranks", "d"),
+                    ("batch/rank", "batch_per_rank", "d"), ("block", "block", "d"), ("ms/step", "step_ms", ".1f"),
+                    ("tok/s", "tok_s", ".0f"), ("vs 1 process", "vs_one", "x")]
 CHECK_COLUMNS = [("op", "op", ""), ("case", "case", ""), ("dtype", "dtype", ""), ("max err", "max_err", ".2e"),
                  ("tol", "tol", ".1e"), ("ok", "ok", "")]
 
@@ -188,6 +195,14 @@ def render(doc: dict, markdown: bool = False) -> str:
     if pos:
         out.append(h("Decode cost per token by context length (should stay flat)"))
         out.append(format_table(with_position_ratio(pos), POSITION_COLUMNS, markdown))
+    tp = rows_of(rows, "tp_decode")
+    if tp:
+        out.append(h("Tensor-parallel decode: one step, and its collectives timed alone"))
+        out.append(format_table(tp, TP_DECODE_COLUMNS, markdown))
+    dp = rows_of(rows, "dp_train")
+    if dp:
+        out.append(h("Data-parallel training: tokens/s over all ranks"))
+        out.append(format_table(dp, DP_TRAIN_COLUMNS, markdown))
     notes = doc.get("notes", [])
     if notes:
         out.append(h("Notes"))

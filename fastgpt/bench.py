@@ -8,6 +8,9 @@ kernels:  on CUDA, each op's suite (benchmarks/bench_<op>.py) times the Triton k
           nothing), so the public ops are timed on their CPU path, kernels.reference, at small shapes,
           against the same peers, and labelled as such.
 generate: benchmarks/bench_generate.py, prefill and decode tokens/s against transformers.
+parallel: benchmarks/bench_parallel.py, tensor-parallel decode and data-parallel training, one process per
+          rank (2 on a CPU, where the numbers are about correctness, not speed; every GPU on CUDA). Not part
+          of `all`: it launches jobs of its own.
 Every run first measures the device's ceilings (copy bandwidth; matmul throughput on CUDA) so that each
 rate is also shown as a percentage of what this machine can do. Progress goes to stderr.
 """
@@ -24,8 +27,8 @@ CPU_LABEL = "CPU reference path (PyTorch), not Triton kernel results"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suite", nargs="?", default="all", choices=["kernels", "generate", "all"],
-                   help="what to time (default: all)")
+    p.add_argument("suite", nargs="?", default="all", choices=["kernels", "generate", "parallel", "all"],
+                   help="what to time (default: all = kernels + generate)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None,
                    help="comma-separated float32, float16, bfloat16 (default: bfloat16 on CUDA, float32 on CPU); "
@@ -263,6 +266,12 @@ def _run(args, interpreter_was_on: bool) -> int:
         rows += bench_generate.run(device, dtypes[0], plan, ceilings, notes, errors)
         if device.type == "cpu":
             notes.append("generation on CPU runs the model's reference path (PyTorch ops), not Triton kernels")
+    if args.suite == "parallel":
+        from benchmarks import bench_parallel
+
+        rows += bench_parallel.run(device, dtypes[0], args.quick, args.smoke, notes, errors)
+        errors += [f"parallel: {r['model']}: logits off by {r['max_err']:.2e} (tolerance {r['tol']:.0e})"
+                   for r in rows if r["kind"] == "parity" and not r["ok"]]
     doc.update({
         "settings": {"suite": args.suite, "quick": bool(args.quick), "smoke": bool(args.smoke),
                      "dtypes": [str(d).replace("torch.", "") for d in dtypes], "model": args.model,
