@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from benchmarks import bench_generate, bench_patch, report  # noqa: E402
 from benchmarks.common import measure_ceilings  # noqa: E402
 
-OPS = ("attention", "decode_attention", "layer_norm", "gelu_mlp")
+OPS = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp")
 ALL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Model-level tolerance on the logits (max |error| / max |reference logit|): ten times the per-op
 # tolerance of the dtype, because a few layers chain a dozen rounded ops along the residual stream.
