@@ -10,7 +10,9 @@ In order:
   2. model-level parity: a GPT with random weights on the device in each dtype against the same model in
      float64 on the CPU reference path: whole-sequence logits, and one prefill + decode step;
   3. the quick kernel benchmark table (each suite's run(), bfloat16);
-  4. end-to-end generation (benchmarks/bench_generate.py, quick plan).
+  4. end-to-end generation (benchmarks/bench_generate.py, quick plan);
+  5. the engine (benchmarks/bench_engine.py gpu_rows): CUDA-graph replay against eager, gpt2 output
+     tokens/s at 256 requests, and the CUDA-graph decode step at batch 1.
 One op failing (its check raising, or its suite missing) is reported and the rest still runs.
 Writes results.json, results.md and one PNG per op into the folder; exits 1 if any check failed, 2 on a
 usage error (no CUDA without --device cpu).
@@ -35,7 +37,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks import bench_generate, report  # noqa: E402
+from benchmarks import bench_engine, bench_generate, report  # noqa: E402
 from benchmarks.common import measure_ceilings  # noqa: E402
 
 OPS = ("attention", "decode_attention", "layer_norm", "gelu_mlp")
@@ -212,6 +214,7 @@ def _main(argv) -> int:
     if args.no_hf_compile:
         plan.compile_pairs = set()
     section("generate", lambda: bench_generate.run(device, gen_dtype, plan, ceilings, notes, errors))
+    section("engine", lambda: bench_engine.gpu_rows(device, args.smoke))
 
     failed = [r for r in rows if r["kind"] in ("check", "parity") and not r["ok"]]
     doc.update({"settings": {"script": "gpu_check", "smoke": args.smoke, "hf_compile": not args.no_hf_compile},

@@ -125,6 +125,10 @@ GENERATE_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("prompt", 
 POSITION_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("dtype", "dtype", ""),
                     ("context", "context", "d"), ("decode ms/token", "decode_ms", ".3f"),
                     ("floor ms", "floor_ms", ".3f"), ("vs shortest context", "vs_first", "x")]
+ENGINE_COLUMNS = [("model", "model", ""), ("dtype", "dtype", ""), ("system", "system", ""),
+                  ("concurrency", "concurrency", "d"), ("requests", "requests", "d"),
+                  ("output tok/s", "output_tok_s", ".0f"), ("goal tok/s", "goal_tok_s", ".0f"),
+                  ("step us", "step_us", ".1f"), ("goal us", "goal_us", ".0f")]
 CHECK_COLUMNS = [("op", "op", ""), ("case", "case", ""), ("dtype", "dtype", ""), ("max err", "max_err", ".2e"),
                  ("tol", "tol", ".1e"), ("ok", "ok", "")]
 
@@ -180,6 +184,10 @@ def render(doc: dict, markdown: bool = False) -> str:
     if pos:
         out.append(h("Decode cost per token by context length (should stay flat)"))
         out.append(format_table(with_position_ratio(pos), POSITION_COLUMNS, markdown))
+    engine = rows_of(rows, "engine")
+    if engine:
+        out.append(h("Engine: continuous batching (benchmarks/bench_engine.py)"))
+        out.append(format_table(engine, ENGINE_COLUMNS, markdown))
     notes = doc.get("notes", [])
     if notes:
         out.append(h("Notes"))

@@ -14,7 +14,7 @@ import time
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int (imported only when used)
 SUBCOMMANDS = {
-    "generate": ("fastgpt.cli", "generate text from a prompt, streaming it as it comes"),
+    "generate": ("fastgpt.cli", "generate text from one or more prompts, streaming it as it comes"),
     "bench": ("fastgpt.bench", "time the fused kernels and generation against their peers"),
     "train": ("fastgpt.train", "pretrain or fine-tune a model on text files, JSONL pairs or the stdlib corpus"),
 }
@@ -61,7 +61,11 @@ def resolve_device(name: str | None):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF GPT-2 checkpoint dir or hub name (default: the bundled model)")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", action="append", default=None,
+                   help='text to continue; repeat it for several prompts, run together ("" starts from '
+                        "<|endoftext|>)")
+    p.add_argument("--prompts-file", metavar="FILE", default=None,
+                   help="a UTF-8 file of prompts, one per line (blank lines are skipped)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=50)
@@ -72,13 +76,64 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: float32 on CPU, bfloat16 on CUDA")
 
 
-def run(args) -> int:
-    import torch
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line for line in f.read().splitlines() if line.strip()]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--prompts-file {args.prompts_file}: not found") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts-file {args.prompts_file}: not UTF-8 text ({e.reason})") from None
+    if not prompts:
+        raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
 
-    from fastgpt import GPT, Tokenizer, default_model_dir
+
+class _Printer:
+    """Writes the results in input order, streaming the earliest unfinished one as it grows. On a terminal
+    the prompt is shown in colour (and several results are separated by a rule); piped, plain text."""
+
+    PROMPT, DIM, RESET = "\033[36m", "\033[2m", "\033[0m"
+
+    def __init__(self, out, prompts: list[str]):
+        self.out, self.prompts = out, prompts
+        self.styled = out.isatty() and not os.environ.get("NO_COLOR")
+        self.texts: dict[int, str] = {}
+        self.done: set[int] = set()
+        self.cursor, self.printed = 0, None  # the result being written, and how much of its text is out
+
+    def update(self, index: int, text: str, finished: bool) -> None:
+        self.texts[index] = text
+        if finished:
+            self.done.add(index)
+        while self.cursor < len(self.prompts):
+            i = self.cursor
+            if self.printed is None:  # start result i
+                if i > 0:
+                    rule = f"{self.DIM}── {i + 1}/{len(self.prompts)} ──{self.RESET}\n" if self.styled else ""
+                    self.out.write("\n" + rule)
+                prompt = self.prompts[i]
+                self.out.write(f"{self.PROMPT}{prompt}{self.RESET}" if self.styled and prompt else prompt)
+                self.printed = ""
+            text = self.texts.get(i, "")
+            self.out.write(text[len(self.printed):])
+            self.printed = text
+            if i not in self.done:
+                break
+            self.out.write("\n")
+            self.cursor, self.printed = i + 1, None
+        self.out.flush()
+
+
+def run(args) -> int:
+    from fastgpt import GPT, Engine, SamplingParams, Tokenizer, default_model_dir
+    from fastgpt.engine.engine import default_num_blocks
     from fastgpt.generate import validate_sampling
     from fastgpt.load import resolve_model_dir
 
+    prompts = read_prompts(args)
     validate_sampling(args.temperature, args.top_k, args.top_p)
     device = resolve_device(args.device)
     if args.model is None:
@@ -89,44 +144,49 @@ def run(args) -> int:
         model_dir = resolve_model_dir(args.model)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     model = GPT.from_pretrained(model_dir, device=device, dtype=args.dtype)
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
-        raise ValueError("--prompt encodes to no tokens")
-    input_ids = torch.tensor([ids], device=device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    max_new = min(args.max_new_tokens, model.config.n_positions - len(ids))
-    if max_new < 1:
-        raise ValueError(f"prompt of {len(ids)} tokens fills the context length {model.config.n_positions}")
+    ctx = model.config.n_positions
+    start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.bos_token_id
+    requests = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt) or [start]  # an empty prompt starts from <|endoftext|>, as in HF
+        max_new = min(args.max_new_tokens, ctx - len(ids))
+        if max_new < 1:
+            which = "prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+            raise ValueError(f"{which} of {len(ids)} tokens fills the context length {ctx}")
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p or 1.0,
+                                max_tokens=max_new, seed=args.seed)
+        requests.append((ids, params))
+    block_size = 16
+    needed = sum(-(-(len(ids) + p.max_tokens) // block_size) for ids, p in requests)
+    max_seqs = min(len(requests), 256)
+    engine = Engine(model, tokenizer, block_size=block_size, max_num_seqs=max_seqs,
+                    num_blocks=min(needed, default_num_blocks(model, block_size, max_seqs)))
+    for i, (ids, params) in enumerate(requests):
+        engine.add_request(str(i), ids, params)
 
-    out = sys.stdout
-    out.write(args.prompt)
-    out.flush()
-    new_ids: list[int] = []
-    printed = ""
+    printer = _Printer(sys.stdout, prompts)
     t0 = time.perf_counter()
     t_first = None
-    for tokens in model.stream(input_ids, max_new, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=generator):
-        if t_first is None:
-            t_first = time.perf_counter()
-        tok = int(tokens[0])
-        if tok == tokenizer.eos_token_id:
-            break
-        new_ids.append(tok)
-        text = tokenizer.decode(new_ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            out.write(text[len(printed):])
-            out.flush()
-            printed = text
-    text = tokenizer.decode(new_ids)
-    out.write(text[len(printed):] + "\n")
-    out.flush()
+    n_tokens = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if t_first is None:
+                t_first = time.perf_counter()
+            completion = out.outputs[0]
+            printer.update(int(out.request_id), completion.text, out.finished)
+            if out.finished:
+                n_tokens += sum(1 for t in completion.token_ids if t != tokenizer.eos_token_id)
     t_end = time.perf_counter()
-    n = len(new_ids)
-    decode_s = t_end - (t_first or t_end)
-    rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
-    print(f"[{n} tokens in {t_end - t0:.2f} s; prefill {len(ids)} tokens {1e3 * ((t_first or t_end) - t0):.0f} ms; "
-          f"decode {rate:.1f} tokens/s; {device}, {model.dtype}]".replace("torch.", ""), file=sys.stderr)
+    where = f"{device}, {model.dtype}".replace("torch.", "")
+    if len(prompts) == 1:
+        decode_s = t_end - (t_first or t_end)
+        rate = (n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else float("nan")
+        print(f"[{n_tokens} tokens in {t_end - t0:.2f} s; prefill {len(requests[0][0])} tokens "
+              f"{1e3 * ((t_first or t_end) - t0):.0f} ms; decode {rate:.1f} tokens/s; {where}]", file=sys.stderr)
+    else:
+        rate = n_tokens / (t_end - t0) if t_end > t0 else float("nan")
+        print(f"[{len(prompts)} prompts, {n_tokens} tokens in {t_end - t0:.2f} s; {rate:.1f} output tokens/s; "
+              f"{where}]", file=sys.stderr)
     return 0
 
 
