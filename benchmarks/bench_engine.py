@@ -49,6 +49,7 @@ import torch  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks.bench_generate import build_model, transformers_peer  # noqa: E402
 from fastgpt import Engine, SamplingParams  # noqa: E402
+from fastgpt.load import atomic_write_text  # noqa: E402
 
 SYSTEMS = ("fastgpt engine", "transformers CB", "transformers static", "fastgpt static")
 # the goals on this CPU (fastgpt engine output tokens/s over the peer's) and on an H200
@@ -374,6 +375,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="folder for bench_engine.json / .txt / .png")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--plot", default=None, metavar="DIR", help="also write bench_engine.png into DIR")
 
 
 def main(argv=None) -> int:
@@ -394,12 +397,18 @@ def main(argv=None) -> int:
     doc = run(args.device, workload=w, model_name=args.model, systems=systems)
     text = render(doc)
     sys.stdout.write(text)
+    json_path, plot_dir = args.json, args.plot
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        report.write_json(os.path.join(args.out, "bench_engine.json"), doc)
-        report.atomic_write_text(os.path.join(args.out, "bench_engine.txt"), text)
-        plot(doc, os.path.join(args.out, "bench_engine.png"))
-        _log(f"wrote {args.out}/bench_engine.{{json,txt,png}}")
+        atomic_write_text(os.path.join(args.out, "bench_engine.txt"), text)
+        json_path, plot_dir = json_path or os.path.join(args.out, "bench_engine.json"), plot_dir or args.out
+    if json_path:
+        report.write_json(json_path, doc)
+        _log(f"wrote {json_path}")
+    if plot_dir:
+        os.makedirs(plot_dir, exist_ok=True)
+        plot(doc, os.path.join(plot_dir, "bench_engine.png"))
+        _log(f"wrote {os.path.join(plot_dir, 'bench_engine.png')}")
     return 0
 
 

@@ -307,7 +307,12 @@ class Engine:
         tokens_before = self._counters["generated_tokens"]
         try:
             while len(results) < len(ids):
-                for out in self.step():
+                steps = self._counters["steps"]
+                outputs = self.step()
+                if self._counters["steps"] == steps:  # nothing could be scheduled: a bug, not a wait
+                    raise RuntimeError(f"the engine made no progress with {len(ids) - len(results)} requests "
+                                       f"unfinished: {self.stats()}")
+                for out in outputs:
                     if out.finished and out.request_id in wanted:
                         results[out.request_id] = out
                         if bar is not None:
