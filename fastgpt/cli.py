@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import os
 import sys
 import time
@@ -74,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--tp", type=positive_int, default=1,
+                   help="tensor-parallel size: shard the model by heads across this many processes, started "
+                        "with torchrun --nproc-per-node N (rank 0 prints)")
 
 
 def read_prompts(args) -> list[str]:
@@ -127,32 +131,46 @@ class _Printer:
         self.out.flush()
 
 
-def run(args) -> int:
-    from fastgpt import GPT, Engine, SamplingParams, Tokenizer, default_model_dir
-    from fastgpt.engine.engine import default_num_blocks
-    from fastgpt.generate import validate_sampling
+def _model_dir(args) -> str:
+    from fastgpt import default_model_dir
     from fastgpt.load import resolve_model_dir
 
-    prompts = read_prompts(args)
-    validate_sampling(args.temperature, args.top_k, args.top_p)
-    device = resolve_device(args.device)
     if args.model is None:
         model_dir = default_model_dir()
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise FileNotFoundError(f"no --model given and the bundled model is missing ({model_dir})")
-    else:
-        model_dir = resolve_model_dir(args.model)
+        return model_dir
+    return resolve_model_dir(args.model)
+
+
+def _prompt_ids(tokenizer, config, prompt: str, max_new_tokens: int, which: str) -> tuple[list[int], int]:
+    """(token ids, new tokens that fit): an empty prompt starts from <|endoftext|>, as transformers does."""
+    start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.bos_token_id
+    ids = tokenizer.encode(prompt) or [start]
+    max_new = min(max_new_tokens, config.n_positions - len(ids))
+    if max_new < 1:
+        raise ValueError(f"{which} of {len(ids)} tokens fills the context length {config.n_positions}")
+    return ids, max_new
+
+
+def run(args) -> int:
+    from fastgpt import GPT, Engine, SamplingParams, Tokenizer, parallel
+    from fastgpt.engine.engine import default_num_blocks
+    from fastgpt.generate import validate_sampling
+
+    prompts = read_prompts(args)
+    validate_sampling(args.temperature, args.top_k, args.top_p)
+    world = parallel.World.from_env()
+    if args.tp > 1 or world.size > 1:
+        return _run_tensor_parallel(args, prompts, world)
+    device = resolve_device(args.device)
+    model_dir = _model_dir(args)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     model = GPT.from_pretrained(model_dir, device=device, dtype=args.dtype)
-    ctx = model.config.n_positions
-    start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.bos_token_id
     requests = []
     for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt) or [start]  # an empty prompt starts from <|endoftext|>, as in HF
-        max_new = min(args.max_new_tokens, ctx - len(ids))
-        if max_new < 1:
-            which = "prompt" if len(prompts) == 1 else f"prompt {i + 1}"
-            raise ValueError(f"{which} of {len(ids)} tokens fills the context length {ctx}")
+        ids, max_new = _prompt_ids(tokenizer, model.config, prompt, args.max_new_tokens,
+                                   "prompt" if len(prompts) == 1 else f"prompt {i + 1}")
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p or 1.0,
                                 max_tokens=max_new, seed=args.seed)
         requests.append((ids, params))
@@ -187,6 +205,52 @@ def run(args) -> int:
         rate = n_tokens / (t_end - t0) if t_end > t0 else float("nan")
         print(f"[{len(prompts)} prompts, {n_tokens} tokens in {t_end - t0:.2f} s; {rate:.1f} output tokens/s; "
               f"{where}]", file=sys.stderr)
+    return 0
+
+
+def _run_tensor_parallel(args, prompts: list[str], world) -> int:
+    """One prompt through a model sharded by heads over torchrun's processes (the engine runs on one
+    device): the dense path's stream; every rank generates the same text, rank 0 prints it."""
+    import torch
+
+    from fastgpt import Tokenizer, parallel
+
+    if len(prompts) > 1:
+        raise ValueError(f"--tp runs one prompt at a time, got {len(prompts)}")
+    world, device = parallel.launch_tensor_parallel(args.tp, args.device)
+    model_dir = _model_dir(args)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    model = parallel.load_tensor_parallel(model_dir, device=device, dtype=args.dtype)
+    ids, max_new = _prompt_ids(tokenizer, model.config, prompts[0], args.max_new_tokens, "prompt")
+    input_ids = torch.tensor([ids], device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    out = sys.stdout if world.is_main else io.StringIO()
+    printer = _Printer(out, prompts)
+    new_ids: list[int] = []
+    t0 = time.perf_counter()
+    t_first = None
+    for tokens in model.stream(input_ids, max_new, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=generator):
+        if t_first is None:
+            t_first = time.perf_counter()
+        tok = int(tokens[0])
+        if tok == tokenizer.eos_token_id:
+            break
+        new_ids.append(tok)
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            printer.update(0, text, False)
+    printer.update(0, tokenizer.decode(new_ids), True)
+    t_end = time.perf_counter()
+    n = len(new_ids)
+    decode_s = t_end - (t_first or t_end)
+    rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
+    if world.is_main:
+        print(f"[{n} tokens in {t_end - t0:.2f} s; prefill {len(ids)} tokens {1e3 * ((t_first or t_end) - t0):.0f} ms; "
+              f"decode {rate:.1f} tokens/s; {device} x {world.size} ranks (tensor parallel), {model.dtype}]"
+              .replace("torch.", ""), file=sys.stderr)
+    parallel.destroy_process_group()
     return 0
 
 
