@@ -285,24 +285,36 @@ def render(doc: dict) -> str:
 
 
 def plot(doc: dict, path: str) -> None:
+    """Output tokens/s against concurrency, one line per system; bars when there is one concurrency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for system in SYSTEMS:
-        series = sorted((r for r in doc["rows"] if r["system"] == system), key=lambda r: r["concurrency"])
-        if series:
-            ax.plot([r["concurrency"] for r in series], [r["output_tok_s"] for r in series], "o-", label=system)
-    w = doc["workload"]
-    ax.set(xscale="log", xlabel="concurrency (max running requests / static batch size)", ylabel="output tokens/s",
-           title=f"{doc['model']} {doc['rows'][0]['dtype']}: {w['num_requests']} requests, prompts "
-                 f"{w['prompt_range'][0]}-{w['prompt_range'][1]}, outputs {w['output_range'][0]}-{w['output_range'][1]}")
-    ax.set_xticks(w["concurrency"], [str(c) for c in w["concurrency"]])
+    w, rows = doc["workload"], doc["rows"]
+    levels = sorted({r["concurrency"] for r in rows})
+    systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    if len(levels) == 1:
+        values = [next(r["output_tok_s"] for r in rows if r["system"] == s) for s in systems]
+        bars = ax.bar(systems, values, color=[f"C{SYSTEMS.index(s)}" for s in systems])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set(xlabel=f"concurrency {levels[0]}")
+        ax.tick_params(axis="x", labelsize=8)
+    else:
+        for s in systems:
+            series = sorted((r for r in rows if r["system"] == s), key=lambda r: r["concurrency"])
+            ax.plot([r["concurrency"] for r in series], [r["output_tok_s"] for r in series], "o-",
+                    color=f"C{SYSTEMS.index(s)}", label=s)
+        ax.set(xscale="log", xlabel="concurrency (max running requests / static batch size)")
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.minorticks_off()
+        ax.legend(fontsize=8)
+    ax.set(ylabel="output tokens/s")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.text(0.01, 0.01, f"{doc['device_name']}, {doc['date'][:10]}", fontsize=7, color="grey")
+    ax.set_title(f"{doc['model']} {rows[0]['dtype']}: {w['num_requests']} requests, prompts {w['prompt_range'][0]}-"
+                 f"{w['prompt_range'][1]}, outputs {w['output_range'][0]}-{w['output_range'][1]}, greedy\n"
+                 f"{doc['device_name']}, {doc['cpu_threads']} threads, {doc['date'][:10]}", fontsize=9)
     report._save(fig, path)
     plt.close(fig)
 
