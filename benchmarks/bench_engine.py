@@ -40,6 +40,7 @@ if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "0"  # CPU runs take the PyTorch path; the interpreter's times mean nothing
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import gc  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
@@ -354,7 +355,7 @@ def gpu_rows(device="cuda", smoke: bool = False) -> list[dict]:
     if graphs:
         seq, n = batch.seqs[:1], batch.num_new_tokens[:1]
         one = type(batch)(seq, n, 1)
-        step_ms = bench_ms(lambda: engine.runner.execute(one))
+        step_ms = bench_ms(functools.partial(engine.runner.execute, one))
         rows.append({"kind": "engine", "model": label, "dtype": str(dtype).replace("torch.", ""),
                      "system": "fastgpt engine: CUDA-graph decode step, batch 1", "concurrency": 1,
                      "step_us": step_ms * 1e3, "goal_us": GPU_STEP_US_GOAL})

@@ -333,5 +333,7 @@ def test_cuda_graph_replay_equals_eager(tmp_path):
     assert batch.num_decodes == len(batch.seqs) == 5  # padded to the graph of 8
     replay = engine.runner.execute(batch).clone()
     eager = engine.runner.execute(batch, use_graphs=False)
-    torch.testing.assert_close(replay, eager, rtol=1e-4, atol=1e-4)  # TF32 GEMMs may differ by batch shape
+    # fp32 tl.dot runs as TF32 on a GPU (~3e-4 relative per product), and the padded batch of 8 may take
+    # other tiles and splits than the eager batch of 5: the same numbers to TF32 rounding, the same argmax
+    assert (replay - eager).abs().max() <= 1e-3 * eager.abs().max()
     assert torch.equal(replay.argmax(-1), eager.argmax(-1))

@@ -7,7 +7,8 @@ the row gives the same tokens whatever else is in the batch; unseeded rows share
 
 Greedy rows (temperature 0) take the argmax of the raw logits. Top-k keeps the k highest-ranked tokens;
 top-p drops a token once the tokens ranked above it hold more than p of the mass (as
-fastgpt.generate.sample does; the first token always stays); both after temperature. Log-probabilities are always those of the raw distribution, log_softmax(logits).
+fastgpt.generate.sample does; the first token always stays); both after temperature. Log-probabilities
+are always those of the raw distribution, log_softmax(logits).
 """
 
 from __future__ import annotations
