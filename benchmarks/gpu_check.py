@@ -15,6 +15,8 @@ In order:
      (benchmarks/bench_patch.py);
   6. with more than one GPU only: tensor-parallel logits against one GPU, TP decode and DP training
      (benchmarks/bench_parallel.py, quick plan); skipped with a note otherwise.
+  7. the engine (benchmarks/bench_engine.py gpu_rows): CUDA-graph replay against eager, gpt2 output
+     tokens/s at 256 requests, and the CUDA-graph decode step at batch 1.
 One op failing (its check raising, or its suite missing) is reported and the rest still runs.
 Writes results.json, results.md and one PNG per op into the folder; exits 1 if any check failed, 2 on a
 usage error (no CUDA without --device cpu).
@@ -39,7 +41,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks import bench_generate, bench_patch, report  # noqa: E402
+from benchmarks import bench_engine, bench_generate, bench_patch, report  # noqa: E402
 from benchmarks.common import measure_ceilings  # noqa: E402
 
 OPS = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp")
@@ -224,6 +226,7 @@ def _main(argv) -> int:
     else:
         notes.append(f"parallel: skipped, tensor parallelism needs more than one GPU "
                      f"(this machine has {torch.cuda.device_count() if cuda else 0})")
+    section("engine", lambda: bench_engine.gpu_rows(device, args.smoke))
 
     failed = [r for r in rows if r["kind"] in ("check", "parity") and not r["ok"]]
     doc.update({"settings": {"script": "gpu_check", "smoke": args.smoke, "hf_compile": not args.no_hf_compile},

@@ -136,6 +136,10 @@ TP_DECODE_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("context"
 DP_TRAIN_COLUMNS = [("model", "model", ""), ("mode", "mode", ""), ("ranks", "ranks", "d"),
                     ("batch/rank", "batch_per_rank", "d"), ("block", "block", "d"), ("ms/step", "step_ms", ".1f"),
                     ("tok/s", "tok_s", ".0f"), ("vs 1 process", "vs_one", "x")]
+ENGINE_COLUMNS = [("model", "model", ""), ("dtype", "dtype", ""), ("system", "system", ""),
+                  ("concurrency", "concurrency", "d"), ("requests", "requests", "d"),
+                  ("output tok/s", "output_tok_s", ".0f"), ("goal tok/s", "goal_tok_s", ".0f"),
+                  ("step us", "step_us", ".1f"), ("goal us", "goal_us", ".0f")]
 CHECK_COLUMNS = [("op", "op", ""), ("case", "case", ""), ("dtype", "dtype", ""), ("max err", "max_err", ".2e"),
                  ("tol", "tol", ".1e"), ("ok", "ok", "")]
 
@@ -203,6 +207,10 @@ def render(doc: dict, markdown: bool = False) -> str:
     if dp:
         out.append(h("Data-parallel training: tokens/s over all ranks"))
         out.append(format_table(dp, DP_TRAIN_COLUMNS, markdown))
+    engine = rows_of(rows, "engine")
+    if engine:
+        out.append(h("Engine: continuous batching (benchmarks/bench_engine.py)"))
+        out.append(format_table(engine, ENGINE_COLUMNS, markdown))
     notes = doc.get("notes", [])
     if notes:
         out.append(h("Notes"))

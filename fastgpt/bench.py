@@ -11,6 +11,8 @@ generate: benchmarks/bench_generate.py, prefill and decode tokens/s against tran
 parallel: benchmarks/bench_parallel.py, tensor-parallel decode and data-parallel training, one process per
           rank (2 on a CPU, where the numbers are about correctness, not speed; every GPU on CUDA). Not part
           of `all`: it launches jobs of its own.
+engine:   benchmarks/bench_engine.py, many random requests through the engine against transformers'
+          continuous batching and static batches (not part of `all`: it runs for many minutes on a CPU).
 Every run first measures the device's ceilings (copy bandwidth; matmul throughput on CUDA) so that each
 rate is also shown as a percentage of what this machine can do. Progress goes to stderr.
 """
@@ -27,7 +29,7 @@ CPU_LABEL = "CPU reference path (PyTorch), not Triton kernel results"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suite", nargs="?", default="all", choices=["kernels", "generate", "parallel", "all"],
+    p.add_argument("suite", nargs="?", default="all", choices=["kernels", "generate", "parallel", "engine", "all"],
                    help="what to time (default: all = kernels + generate)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None,
@@ -251,6 +253,8 @@ def run(args) -> int:
     previous_threads = torch.get_num_threads()  # --threads too is undone when the run ends
     os.environ["TRITON_INTERPRET"] = "0"
     try:
+        if args.suite == "engine":
+            return _run_engine(args)
         return _run(args, interpreter_was_on=previous == "1")
     finally:
         torch.set_num_threads(previous_threads)
@@ -258,6 +262,22 @@ def run(args) -> int:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = previous
+
+
+def _run_engine(args) -> int:
+    from benchmarks import bench_engine
+    from fastgpt.cli import resolve_device
+
+    argv = ["--device", str(resolve_device(args.device))] + (["--quick"] if args.quick else [])
+    if args.model is not None:
+        argv += ["--model", args.model]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    if args.json is not None:
+        argv += ["--json", args.json]
+    if args.plot is not None:
+        argv += ["--plot", args.plot]
+    return bench_engine.main(argv)
 
 
 def _run(args, interpreter_was_on: bool) -> int:

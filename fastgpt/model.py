@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from fastgpt.cache import KVCache
+from fastgpt.cache import KVCache, PagedBatch
 from fastgpt.config import GPTConfig
 
 
@@ -50,8 +50,11 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.kv_cache: KVCache | None = None
+        self.kv_pages: tuple[torch.Tensor, torch.Tensor] | None = None  # the engine's paged cache (k, v)
 
-    def forward(self, x, input_pos=None, cache_seqlens=None):
+    def forward(self, x, input_pos=None, cache_seqlens=None, paged: PagedBatch | None = None):
+        if paged is not None:
+            return self._forward_paged(x, paged)
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
         # strided views, no copy: the kernels take any strides
@@ -67,6 +70,24 @@ class CausalSelfAttention(nn.Module):
             o = kernels.decode_attention(q, k_all, v_all, cache_seqlens)
         # nh * hs, not C: under tensor parallelism a rank holds only its own heads (fastgpt.parallel)
         return self.c_proj(o.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def _forward_paged(self, x, paged: PagedBatch):
+        """x (N, C): the packed tokens of the engine's batch (see GPT.forward_packed)."""
+        N = x.shape[0]
+        q, k, v = self.c_attn(x).view(N, 3, self.n_head, self.head_dim).unbind(1)  # (N, nh, hs) each
+        k_pages, v_pages = self.kv_pages
+        kernels.paged_kv_write(k, v, k_pages, v_pages, paged.slot_mapping)
+        nd = paged.num_decodes  # decode rows first: one query each, through the split-KV decode kernel
+        parts = []
+        if nd:
+            o = kernels.paged_decode_attention(q[:nd, :, None], k_pages, v_pages, paged.block_table[:nd],
+                                               paged.cache_seqlens[:nd])  # (nd, nh, 1, hs)
+            parts.append(o[:, :, 0])
+        if nd < N:  # prompt chunks: varlen causal attention over each row's cache
+            parts.append(kernels.paged_prefill_attention(q[nd:], k_pages, v_pages, paged.block_table[nd:],
+                                                         paged.cu_seqlens_q, paged.cache_seqlens[nd:]))
+        o = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self.c_proj(o.reshape(N, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -88,8 +109,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, input_pos=None, cache_seqlens=None):
-        a = self.attn(self.ln_1(x), input_pos, cache_seqlens)
+    def forward(self, x, input_pos=None, cache_seqlens=None, paged=None):
+        a = self.attn(self.ln_1(x), input_pos, cache_seqlens, paged)
         y, x = self.ln_2(a, residual=x)
         return self.mlp(y, residual=x)
 
@@ -186,6 +207,18 @@ class GPT(nn.Module):
             x = x[:, -1:]
         x = self.transformer.ln_f(x)
         return self.transformer.wte.logits(x)  # tied head, (B, T, V)
+
+    def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor, paged: PagedBatch,
+                       logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The engine's forward: one packed ragged batch, no padding. input_ids, positions (N,); keys and
+        values go into each layer's kv_pages as ``paged`` says. Returns logits (R, V) of the tokens
+        logits_rows (R,), or of every token when None."""
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (N, C)
+        for block in self.transformer.h:
+            x = block(x, paged=paged)
+        if logits_rows is not None:
+            x = x[logits_rows]
+        return self.transformer.wte.logits(self.transformer.ln_f(x))  # (R, V)
 
     # ------------------------------------------------------------------------------------- generation
     def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
