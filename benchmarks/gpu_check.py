@@ -10,7 +10,8 @@ In order:
   2. model-level parity: a GPT with random weights on the device in each dtype against the same model in
      float64 on the CPU reference path: whole-sequence logits, and one prefill + decode step;
   3. the quick kernel benchmark table (each suite's run(), bfloat16);
-  4. end-to-end generation (benchmarks/bench_generate.py, quick plan).
+  4. end-to-end generation (benchmarks/bench_generate.py, quick plan);
+  5. serving: fastgpt serve on a gpt2-shaped model at 64 concurrent streams (benchmarks/bench_serve.py).
 One op failing (its check raising, or its suite missing) is reported and the rest still runs.
 Writes results.json, results.md and one PNG per op into the folder; exits 1 if any check failed, 2 on a
 usage error (no CUDA without --device cpu).
@@ -212,6 +213,15 @@ def _main(argv) -> int:
     if args.no_hf_compile:
         plan.compile_pairs = set()
     section("generate", lambda: bench_generate.run(device, gen_dtype, plan, ceilings, notes, errors))
+
+    def serve():
+        from benchmarks import bench_serve  # needs the serve extra; without it this section fails alone
+
+        serve_rows, serve_notes = bench_serve.gpu_check_section(device, args.smoke, log=_log)
+        notes.extend(serve_notes)
+        return serve_rows
+
+    section("serve", serve)
 
     failed = [r for r in rows if r["kind"] in ("check", "parity") and not r["ok"]]
     doc.update({"settings": {"script": "gpu_check", "smoke": args.smoke, "hf_compile": not args.no_hf_compile},

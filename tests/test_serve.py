@@ -680,3 +680,21 @@ def test_a_taken_port_is_one_line_error():
                            text=True, timeout=120, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT})
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"fastgpt: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_bench_serve_metrics_follow_vllm_definitions():
+    from benchmarks.bench_serve import RequestResult, median_runs, serving_metrics
+
+    a = RequestResult(success=True, prompt_len=5, output_tokens=4, ttft=0.1, latency=0.7, itl=[0.2, 0.2, 0.2])
+    b = RequestResult(success=True, prompt_len=3, output_tokens=1, ttft=0.3, latency=0.3, itl=[])
+    failed = RequestResult(error="HTTP 503")
+    m = serving_metrics([a, b, failed], duration=2.0)
+    assert (m["completed"], m["failed"], m["total_input"], m["total_output"]) == (2, 1, 8, 5)
+    assert m["request_throughput"] == pytest.approx(1.0) and m["output_throughput"] == pytest.approx(2.5)
+    assert m["mean_ttft_ms"] == pytest.approx(200) and m["median_ttft_ms"] == pytest.approx(200)
+    # TPOT: (latency - ttft) / (tokens - 1), only over requests with more than one token
+    assert m["mean_tpot_ms"] == pytest.approx(200) and m["p99_tpot_ms"] == pytest.approx(200)
+    assert m["mean_itl_ms"] == pytest.approx(200)  # pooled gaps
+    assert m["mean_e2el_ms"] == pytest.approx(500) and m["first_error"] == "HTTP 503"
+    runs = [{"peer": "p", "rate": 1.0, "output_throughput": v} for v in (3.0, 1.0, 2.0)]
+    assert median_runs(runs)[0]["output_throughput"] == 2.0
