@@ -11,7 +11,13 @@ In order:
      float64 on the CPU reference path: whole-sequence logits, and one prefill + decode step;
   3. the quick kernel benchmark table (each suite's run(), bfloat16);
   4. end-to-end generation (benchmarks/bench_generate.py, quick plan);
-  5. serving: fastgpt serve on a gpt2-shaped model at 64 concurrent streams (benchmarks/bench_serve.py).
+  5. transformers' GPT-2 patched by fastgpt vs unpatched: parity, prefill, decode, training step
+     (benchmarks/bench_patch.py);
+  6. with more than one GPU only: tensor-parallel logits against one GPU, TP decode and DP training
+     (benchmarks/bench_parallel.py, quick plan); skipped with a note otherwise.
+  7. the engine (benchmarks/bench_engine.py gpu_rows): CUDA-graph replay against eager, gpt2 output
+     tokens/s at 256 requests, and the CUDA-graph decode step at batch 1;
+  8. serving: fastgpt serve on a gpt2-shaped model at 64 concurrent streams (benchmarks/bench_serve.py).
 One op failing (its check raising, or its suite missing) is reported and the rest still runs.
 Writes results.json, results.md and one PNG per op into the folder; exits 1 if any check failed, 2 on a
 usage error (no CUDA without --device cpu).
@@ -36,10 +42,10 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks import bench_generate, report  # noqa: E402
+from benchmarks import bench_engine, bench_generate, bench_patch, report  # noqa: E402
 from benchmarks.common import measure_ceilings  # noqa: E402
 
-OPS = ("attention", "decode_attention", "layer_norm", "gelu_mlp")
+OPS = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp")
 ALL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Model-level tolerance on the logits (max |error| / max |reference logit|): ten times the per-op
 # tolerance of the dtype, because a few layers chain a dozen rounded ops along the residual stream.
@@ -213,6 +219,15 @@ def _main(argv) -> int:
     if args.no_hf_compile:
         plan.compile_pairs = set()
     section("generate", lambda: bench_generate.run(device, gen_dtype, plan, ceilings, notes, errors))
+    section("patch", lambda: bench_patch.run(device, gen_dtype, quick=True, smoke=args.smoke, notes=notes))
+    if cuda and torch.cuda.device_count() > 1:  # TP parity against one GPU, TP decode and DP training timings
+        from benchmarks import bench_parallel
+
+        section("parallel", lambda: bench_parallel.run(device, gen_dtype, True, args.smoke, notes, errors))
+    else:
+        notes.append(f"parallel: skipped, tensor parallelism needs more than one GPU "
+                     f"(this machine has {torch.cuda.device_count() if cuda else 0})")
+    section("engine", lambda: bench_engine.gpu_rows(device, args.smoke))
 
     def serve():
         from benchmarks import bench_serve  # needs the serve extra; without it this section fails alone

@@ -35,6 +35,13 @@ class LayerNorm(nn.LayerNorm):
         return kernels.layer_norm(x, self.weight, self.bias, eps=self.eps, residual=residual)
 
 
+class TiedEmbedding(nn.Embedding):
+    """The token embedding, whose table is also the output layer (GPT-2 ties them)."""
+
+    def logits(self, x):
+        return F.linear(x, self.weight)  # (..., V)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -61,11 +68,12 @@ class CausalSelfAttention(nn.Module):
         else:  # decode: one query per row against the cache
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
             o = kernels.decode_attention(q, k_all, v_all, cache_seqlens)
-        return self.c_proj(o.transpose(1, 2).reshape(B, T, C))
+        # nh * hs, not C: under tensor parallelism a rank holds only its own heads (fastgpt.parallel)
+        return self.c_proj(o.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
     def _forward_paged(self, x, paged: PagedBatch):
         """x (N, C): the packed tokens of the engine's batch (see GPT.forward_packed)."""
-        N, C = x.shape
+        N = x.shape[0]
         q, k, v = self.c_attn(x).view(N, 3, self.n_head, self.head_dim).unbind(1)  # (N, nh, hs) each
         k_pages, v_pages = self.kv_pages
         kernels.paged_kv_write(k, v, k_pages, v_pages, paged.slot_mapping)
@@ -79,7 +87,7 @@ class CausalSelfAttention(nn.Module):
             parts.append(kernels.paged_prefill_attention(q[nd:], k_pages, v_pages, paged.block_table[nd:],
                                                          paged.cu_seqlens_q, paged.cache_seqlens[nd:]))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return self.c_proj(o.reshape(N, C))
+        return self.c_proj(o.reshape(N, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -112,7 +120,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=TiedEmbedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.n_positions, config.n_embd),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
@@ -154,7 +162,7 @@ class GPT(nn.Module):
                 and cache.k_cache.dtype == self.dtype and cache.k_cache.device == self.device):
             return
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(max_batch, self.config.n_head, max_len, self.config.head_dim,
+            block.attn.kv_cache = KVCache(max_batch, block.attn.n_head, max_len, self.config.head_dim,
                                           dtype=self.dtype, device=self.device)
 
     def clear_caches(self) -> None:
@@ -198,7 +206,7 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.transformer.ln_f(x)
-        return F.linear(x, self.transformer.wte.weight)  # tied head, (B, T, V)
+        return self.transformer.wte.logits(x)  # tied head, (B, T, V)
 
     def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor, paged: PagedBatch,
                        logits_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,7 +218,7 @@ class GPT(nn.Module):
             x = block(x, paged=paged)
         if logits_rows is not None:
             x = x[logits_rows]
-        return F.linear(self.transformer.ln_f(x), self.transformer.wte.weight)  # (R, V)
+        return self.transformer.wte.logits(self.transformer.ln_f(x))  # (R, V)
 
     # ------------------------------------------------------------------------------------- generation
     def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -295,11 +295,13 @@ def test_incremental_detokenisation_waits_for_whole_characters(text_engine):
     assert seq.text == text[:text.index("\u672c\u8a9e d")] and seq.finish_reason == "stop"
 
 
-def test_text_prompts_and_from_pretrained_default_model(reference_path):
+def test_text_prompts_and_from_pretrained_default_model(reference_path, capsys):
     engine = Engine.from_pretrained(device="cpu", num_blocks=64)
-    out = engine.generate("The os module", greedy(8))
+    out = engine.generate("The os module", greedy(8), progress=True)
     assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 8 and out[0].outputs[0].text
     assert out[0].prompt_token_ids == engine.tokenizer.encode("The os module")
+    bar = capsys.readouterr().err
+    assert "1/1" in bar and "output tok/s" in bar
 
 
 # ------------------------------------------------------------------------------------ Triton kernels

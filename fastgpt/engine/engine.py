@@ -12,12 +12,12 @@ and every ``step`` runs one batch and returns what changed. One step:
     _process()             append tokens, fork n > 1 samples, detokenise, stop checks, free blocks
 
 Defaults that depend on the device (each can be given instead):
-  * max_num_batched_tokens: 512 on CPU (a 512-row matmul already runs at the CPU's full rate, and a
-    mixed step stays short enough that decoding requests keep flowing); 8192 on CUDA (enough rows to
-    fill the GPU in a prefill, as vLLM's offline default).
-  * num_blocks: on CPU, a 1 GiB cache; on CUDA, 80% of the memory free once the model is loaded (the
-    rest is headroom for activations, logits and the CUDA graphs' pool). Either way at least one
-    full-context sequence fits.
+  * max_num_batched_tokens: 512 on CPU (gpt2's fp32 MLP matmul ran as fast per row at 512 rows as at 1024
+    and 2048 on the 2-core development machine, and a mixed step stays short enough that decoding
+    requests keep flowing); 8192 on CUDA (enough rows to fill the GPU in a prefill, vLLM's offline default).
+  * num_blocks: on CPU, a 1 GiB cache (less if max_num_seqs full-context sequences need less); on CUDA,
+    80% of the memory free once the model is loaded (the rest is headroom for activations, logits and
+    the CUDA graphs' pool). Either way at least one full-context sequence fits.
 """
 
 from __future__ import annotations
@@ -37,6 +37,20 @@ CPU_MAX_BATCHED_TOKENS = 512
 CUDA_MAX_BATCHED_TOKENS = 8192
 CPU_KV_CACHE_BYTES = 1 << 30
 CUDA_KV_CACHE_FRACTION = 0.8
+
+
+def default_num_blocks(model, block_size: int, max_num_seqs: int) -> int:
+    """KV-cache blocks when num_blocks is not given: on CUDA, CUDA_KV_CACHE_FRACTION of the free memory;
+    on CPU, CPU_KV_CACHE_BYTES, or less when max_num_seqs full-context sequences need less. Never fewer
+    than one full-context sequence needs."""
+    per_block = bytes_per_block(model.config, block_size, model.dtype)
+    full_context = -(-model.config.n_positions // block_size)
+    if model.device.type == "cuda":
+        budget = CUDA_KV_CACHE_FRACTION * torch.cuda.mem_get_info(model.device)[0]
+        blocks = int(budget // per_block)
+    else:
+        blocks = min(int(CPU_KV_CACHE_BYTES // per_block), max_num_seqs * full_context)
+    return max(blocks, full_context)
 
 
 def _positive_int(name: str, value) -> int:
@@ -61,11 +75,8 @@ class Engine:
         if max_num_batched_tokens is None:
             max_num_batched_tokens = CUDA_MAX_BATCHED_TOKENS if cuda else CPU_MAX_BATCHED_TOKENS
         self.max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
-        per_block = bytes_per_block(self.config, block_size, model.dtype)
-        self.max_blocks_per_seq = -(-self.config.n_positions // block_size)
         if num_blocks is None:
-            budget = CUDA_KV_CACHE_FRACTION * torch.cuda.mem_get_info(self.device)[0] if cuda else CPU_KV_CACHE_BYTES
-            num_blocks = max(int(budget // per_block), self.max_blocks_per_seq)
+            num_blocks = default_num_blocks(model, block_size, max_num_seqs)
         self.num_blocks = _positive_int("num_blocks", num_blocks)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
@@ -296,7 +307,12 @@ class Engine:
         tokens_before = self._counters["generated_tokens"]
         try:
             while len(results) < len(ids):
-                for out in self.step():
+                steps = self._counters["steps"]
+                outputs = self.step()
+                if self._counters["steps"] == steps:  # nothing could be scheduled: a bug, not a wait
+                    raise RuntimeError(f"the engine made no progress with {len(ids) - len(results)} requests "
+                                       f"unfinished: {self.stats()}")
+                for out in outputs:
                     if out.finished and out.request_id in wanted:
                         results[out.request_id] = out
                         if bar is not None:

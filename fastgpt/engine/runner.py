@@ -29,7 +29,8 @@ class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, max_num_seqs: int, cuda_graphs: bool):
         cfg = model.config
         self.model, self.block_size, self.device = model, block_size, model.device
-        shape = (cfg.n_layer, num_blocks, block_size, cfg.n_head, cfg.head_dim)
+        heads = model.transformer.h[0].attn.n_head  # its own heads (a tensor-parallel shard holds fewer)
+        shape = (cfg.n_layer, num_blocks, block_size, heads, cfg.head_dim)
         self.k_pages = torch.zeros(shape, dtype=model.dtype, device=self.device)
         self.v_pages = torch.zeros(shape, dtype=model.dtype, device=self.device)
         for i, block in enumerate(model.transformer.h):
