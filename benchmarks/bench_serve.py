@@ -302,15 +302,17 @@ def median_runs(runs: list[dict]) -> list[dict]:
     return out
 
 
-def transformers_cpu_cache_blocks(model_dir: str) -> int:
+def transformers_cpu_cache_blocks(model_dir: str, max_num_seqs: int) -> int:
     """On CPU, transformers sizes its paged cache at 90% of the machine's RAM (14 GB here: the OOM killer
-    took it); give it the KV capacity fastgpt's engine takes on CPU instead, in its blocks of 256 tokens."""
+    took it); give it the KV capacity fastgpt's engine takes on CPU instead (engine.default_num_blocks:
+    1 GiB, or max_num_seqs full contexts if less), in its blocks of 256 tokens."""
     from fastgpt.config import GPTConfig
     from fastgpt.engine.engine import CPU_KV_CACHE_BYTES
 
     cfg = GPTConfig.from_hf(os.path.join(model_dir, "config.json"))
     bytes_per_token = 2 * cfg.n_layer * cfg.n_embd * 4  # k and v, every layer, fp32
-    return math.ceil(CPU_KV_CACHE_BYTES / (256 * bytes_per_token))
+    tokens = min(CPU_KV_CACHE_BYTES // bytes_per_token, max_num_seqs * cfg.n_positions)
+    return math.ceil(tokens / 256)
 
 
 def offline_row(engine, reqs: list[BenchRequest]) -> dict:
@@ -570,7 +572,7 @@ def run(args) -> int:
                              None if args.url else pid))
         if "transformers" in peers:
             try:
-                blocks = transformers_cpu_cache_blocks(model_dir) if args.device == "cpu" else None
+                blocks = transformers_cpu_cache_blocks(model_dir, args.max_num_seqs) if args.device == "cpu" else None
                 hf = TransformersServe(model_dir, args.device, threads, cache_blocks=blocks)
             except (RuntimeError, OSError) as e:
                 notes.append(f"transformers serve did not run here: {e}")
