@@ -483,7 +483,7 @@ class _Faulty:
 
     def __init__(self, engine):
         self._engine = engine
-        self.fail_next_step = False
+        self.fail_next_step = self.stall_next_step = False
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -497,12 +497,16 @@ class _Faulty:
         if self.fail_next_step:
             self.fail_next_step = False
             raise RuntimeError("injected step fault")
+        if self.stall_next_step:  # as if nothing could be scheduled: no step taken
+            self.stall_next_step = False
+            return []
         return self._engine.step()
 
 
 def test_an_engine_fault_fails_only_its_requests(offline, reference_path):
     """In process: the engine loop turns an exception in add_request into a 500 for that request alone,
-    and one in a step into a 500 for the requests in it; the loop goes on serving."""
+    and one in a step (or a step that schedules nothing) into a 500 for the requests in it; the loop goes
+    on serving."""
     from fastgpt.serve.engine_loop import EngineLoop
     from fastgpt.serve.errors import APIError
 
@@ -531,14 +535,16 @@ def test_an_engine_fault_fails_only_its_requests(offline, reference_path):
             first = await asyncio.gather(result(loop, _Faulty.BAD_PROMPT), result(loop, [1, 2, 3]))
             engine.fail_next_step = True
             second = await result(loop, [1, 2, 3])
+            engine.stall_next_step = True
+            stalled = await result(loop, [1, 2, 3])
             third = await result(loop, [1, 2, 3])
-            return first, second, third, loop.alive, loop.in_flight
+            return first, (second, stalled), third, loop.alive, loop.in_flight
         finally:
             loop.stop()
 
     first, second, third, alive, in_flight = asyncio.run(main())
     assert first == [500, want]
-    assert second == 500 and third == want
+    assert second == (500, 500) and third == want
     assert alive and in_flight == 0
     assert not offline.engine.has_unfinished_requests()
     assert offline.engine.block_manager.num_free_blocks == offline.engine.num_blocks

@@ -19,7 +19,8 @@ that is refused with 503 before it reaches the engine.
 
 A request the engine refuses (ValueError from add_request) fails alone with a 400; any other exception
 in add_request fails that request alone with a 500. An exception inside a step cannot be pinned on one
-request of the batch: every request then in the engine fails with a 500, and the loop goes on serving.
+request of the batch: every request then in the engine fails with a 500, and the loop goes on serving;
+so do they when a step schedules nothing at all (nothing runs that could free room for them).
 """
 
 from __future__ import annotations
@@ -183,11 +184,18 @@ class EngineLoop:
             self._loop.call_soon_threadsafe(_settle, future, result, error)
 
     def _step(self) -> None:
+        steps = self.engine.stats()["steps"]
         try:
             outputs = self.engine.step()
         except Exception as e:
             log.exception("engine step failed; failing the %d request(s) in it", len(self._streams))
             self._fail_all(500, f"internal error in the engine step: {type(e).__name__}: {e}")
+            return
+        if self.engine.stats()["steps"] == steps:  # nothing could be scheduled, with nothing running to
+            # free room: these requests can never run (and the loop would spin on them forever)
+            log.error("the engine could schedule none of its %d request(s): %s", len(self._streams),
+                      self.engine.stats())
+            self._fail_all(500, "internal error: the engine could not schedule this request")
             return
         batch = []
         for out in outputs:
