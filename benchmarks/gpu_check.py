@@ -16,7 +16,8 @@ In order:
   6. with more than one GPU only: tensor-parallel logits against one GPU, TP decode and DP training
      (benchmarks/bench_parallel.py, quick plan); skipped with a note otherwise.
   7. the engine (benchmarks/bench_engine.py gpu_rows): CUDA-graph replay against eager, gpt2 output
-     tokens/s at 256 requests, and the CUDA-graph decode step at batch 1.
+     tokens/s at 256 requests, and the CUDA-graph decode step at batch 1;
+  8. serving: fastgpt serve on a gpt2-shaped model at 64 concurrent streams (benchmarks/bench_serve.py).
 One op failing (its check raising, or its suite missing) is reported and the rest still runs.
 Writes results.json, results.md and one PNG per op into the folder; exits 1 if any check failed, 2 on a
 usage error (no CUDA without --device cpu).
@@ -227,6 +228,15 @@ def _main(argv) -> int:
         notes.append(f"parallel: skipped, tensor parallelism needs more than one GPU "
                      f"(this machine has {torch.cuda.device_count() if cuda else 0})")
     section("engine", lambda: bench_engine.gpu_rows(device, args.smoke))
+
+    def serve():
+        from benchmarks import bench_serve  # needs the serve extra; without it this section fails alone
+
+        serve_rows, serve_notes = bench_serve.gpu_check_section(device, args.smoke, log=_log)
+        notes.extend(serve_notes)
+        return serve_rows
+
+    section("serve", serve)
 
     failed = [r for r in rows if r["kind"] in ("check", "parity") and not r["ok"]]
     doc.update({"settings": {"script": "gpu_check", "smoke": args.smoke, "hf_compile": not args.no_hf_compile},

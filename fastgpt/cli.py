@@ -16,6 +16,7 @@ import time
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int (imported only when used)
 SUBCOMMANDS = {
     "generate": ("fastgpt.cli", "generate text from one or more prompts, streaming it as it comes"),
+    "serve": ("fastgpt.serve.cli", "serve the OpenAI API (completions, chat) over HTTP on the engine"),
     "bench": ("fastgpt.bench", "time the fused kernels and generation against their peers"),
     "train": ("fastgpt.train", "pretrain or fine-tune a model on text files, JSONL pairs or the stdlib corpus"),
 }
