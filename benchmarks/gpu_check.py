@@ -10,7 +10,10 @@ In order:
   2. model-level parity: a GPT with random weights on the device in each dtype against the same model in
      float64 on the CPU reference path: whole-sequence logits, and one prefill + decode step;
   3. the quick kernel benchmark table (each suite's run(), bfloat16);
-  4. end-to-end generation (benchmarks/bench_generate.py, quick plan).
+  4. end-to-end generation (benchmarks/bench_generate.py, quick plan);
+  5. a timed training step, gpt2 at 8 x 1024 in bf16 (benchmarks/bench_train.py): fused kernels against
+     the PyTorch reference path and transformers, and the issue's goals (listed, not counted as checks).
+The checks include every backward (layer_norm, gelu_mlp, linear_cross_entropy) in each dtype.
 One op failing (its check raising, or its suite missing) is reported and the rest still runs.
 Writes results.json, results.md and one PNG per op into the folder; exits 1 if any check failed, 2 on a
 usage error (no CUDA without --device cpu).
@@ -35,10 +38,10 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks import bench_generate, report  # noqa: E402
+from benchmarks import bench_generate, bench_train, report  # noqa: E402
 from benchmarks.common import measure_ceilings  # noqa: E402
 
-OPS = ("attention", "decode_attention", "layer_norm", "gelu_mlp")
+OPS = ("attention", "decode_attention", "layer_norm", "gelu_mlp", "cross_entropy")
 ALL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Model-level tolerance on the logits (max |error| / max |reference logit|): ten times the per-op
 # tolerance of the dtype, because a few layers chain a dozen rounded ops along the residual stream.
@@ -212,6 +215,7 @@ def _main(argv) -> int:
     if args.no_hf_compile:
         plan.compile_pairs = set()
     section("generate", lambda: bench_generate.run(device, gen_dtype, plan, ceilings, notes, errors))
+    section("train", lambda: bench_train.gpu_check_rows(device, args.smoke, notes, errors))
 
     failed = [r for r in rows if r["kind"] in ("check", "parity") and not r["ok"]]
     doc.update({"settings": {"script": "gpu_check", "smoke": args.smoke, "hf_compile": not args.no_hf_compile},

@@ -1,4 +1,4 @@
-"""``fastgpt bench [kernels|generate|all]``: how fast the fused ops and generation are, here and now.
+"""``fastgpt bench [kernels|generate|train|all]``: how fast the fused ops, generation and training are.
 
     fastgpt bench --quick                          # both suites, small sizes; a table on stdout
     fastgpt bench kernels --dtype bfloat16,float16 --json results.json --plot plots/
@@ -8,6 +8,8 @@ kernels:  on CUDA, each op's suite (benchmarks/bench_<op>.py) times the Triton k
           nothing), so the public ops are timed on their CPU path, kernels.reference, at small shapes,
           against the same peers, and labelled as such.
 generate: benchmarks/bench_generate.py, prefill and decode tokens/s against transformers.
+train:    benchmarks/bench_train.py, a training step's tokens/s and peak memory: fused kernels against the
+          PyTorch reference path and transformers (not part of "all": gpt2-sized steps take minutes).
 Every run first measures the device's ceilings (copy bandwidth; matmul throughput on CUDA) so that each
 rate is also shown as a percentage of what this machine can do. Progress goes to stderr.
 """
@@ -19,12 +21,12 @@ import importlib
 import os
 import sys
 
-KERNEL_OPS = ("attention", "decode_attention", "layer_norm", "gelu_mlp")
+KERNEL_OPS = ("attention", "decode_attention", "layer_norm", "gelu_mlp", "cross_entropy")
 CPU_LABEL = "CPU reference path (PyTorch), not Triton kernel results"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suite", nargs="?", default="all", choices=["kernels", "generate", "all"],
+    p.add_argument("suite", nargs="?", default="all", choices=["kernels", "generate", "train", "all"],
                    help="what to time (default: all)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None,
@@ -200,6 +202,10 @@ def cpu_reference_rows(dtypes, quick: bool, smoke: bool, ceilings: dict, notes: 
                 add("gelu_mlp", f"M={M} C={C} F={4 * C} +residual", dtype,
                     lambda: kernels.gelu_mlp(x, w1, b1, w2, b2, residual=r), peers,
                     16 * M * C * C, "TFLOP/s")  # two GEMMs of 2*M*C*4C FLOPs
+    from benchmarks import bench_cross_entropy
+
+    _log("kernels (CPU reference): cross_entropy")
+    rows += bench_cross_entropy.cpu_rows(dtypes, quick, smoke, ceilings)  # forward + backward, needs autograd
     return rows
 
 
@@ -263,6 +269,11 @@ def _run(args, interpreter_was_on: bool) -> int:
         rows += bench_generate.run(device, dtypes[0], plan, ceilings, notes, errors)
         if device.type == "cpu":
             notes.append("generation on CPU runs the model's reference path (PyTorch ops), not Triton kernels")
+    if args.suite == "train":
+        from benchmarks import bench_train
+
+        train_rows = bench_train.run(device, dtypes[0], args.quick, args.smoke, ceilings, notes, errors)
+        rows += train_rows + bench_train.goals(train_rows)
     doc.update({
         "settings": {"suite": args.suite, "quick": bool(args.quick), "smoke": bool(args.smoke),
                      "dtypes": [str(d).replace("torch.", "") for d in dtypes], "model": args.model,

@@ -119,12 +119,15 @@ def _ce_rows_torch(logits, targets, loss, scale, V: int, ignore_index: int, with
     """The same as _ce_kernel in PyTorch ops (the CPU path): loss into `loss`, the gradient over logits."""
     acc_dtype = torch.promote_types(logits.dtype, torch.float32)
     lg = logits[:, :V].to(acc_dtype)  # the buffer itself when it is fp32 already
-    lse = torch.logsumexp(lg, dim=1)
     counted = targets != ignore_index
     t = torch.where(counted, targets, 0)
-    loss.copy_(torch.where(counted, lse - lg.gather(1, t[:, None])[:, 0], 0.0))
+    m = lg.amax(dim=1, keepdim=True)
+    shifted_t = lg.gather(1, t[:, None]) - m  # the target's logit - max, before lg is overwritten
+    p = lg.sub_(m).exp_()  # in place, as the kernel: no second (rows, V) array
+    s = p.sum(dim=1, keepdim=True)
+    loss.copy_(torch.where(counted, (s.log() - shifted_t)[:, 0], 0.0))
     if with_grad:
-        p = lg.sub_(lse[:, None]).exp_()
+        p.div_(s)
         p[torch.arange(len(t), device=t.device), t] -= 1.0
         p.mul_((scale * counted)[:, None])
         if p.data_ptr() != logits.data_ptr():
@@ -164,9 +167,10 @@ def _chunked(x, weight, targets, *, ignore_index: int, reduction: str, compute_d
                 if dw is None:
                     dw = torch.empty((v_pad, C), device=dev, dtype=acc_dtype)
                 gemm(logits.t(), xs.t(), dw, residual=None if start == 0 else dw)
-            else:
-                part = logits.t().to(acc_dtype) @ xs.to(acc_dtype)
-                dw = part if dw is None else dw.add_(part)
+            elif dw is None:
+                dw = logits.t().to(acc_dtype) @ xs.to(acc_dtype)
+            else:  # in place: no second (v_pad, C) array
+                dw.addmm_(logits.t().to(acc_dtype), xs.to(acc_dtype))
     loss = loss_rows.sum()
     if reduction == "mean":
         loss = loss * scale[0]
