@@ -11,7 +11,11 @@ In order:
      float64 on the CPU reference path: whole-sequence logits, and one prefill + decode step;
   3. the quick kernel benchmark table (each suite's run(), bfloat16);
   4. end-to-end generation (benchmarks/bench_generate.py, quick plan);
-  5. a timed training step, gpt2 at 8 x 1024 in bf16 (benchmarks/bench_train.py): fused kernels against
+  5. transformers' GPT-2 patched by fastgpt vs unpatched: parity, prefill, decode, training step
+     (benchmarks/bench_patch.py);
+  6. with more than one GPU only: tensor-parallel logits against one GPU, TP decode and DP training
+     (benchmarks/bench_parallel.py, quick plan); skipped with a note otherwise;
+  7. a timed training step, gpt2 at 8 x 1024 in bf16 (benchmarks/bench_train.py): fused kernels against
      the PyTorch reference path and transformers, and the issue's goals (listed, not counted as checks).
 The checks include every backward (layer_norm, gelu_mlp, linear_cross_entropy) in each dtype.
 One op failing (its check raising, or its suite missing) is reported and the rest still runs.
@@ -38,10 +42,10 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks import bench_generate, bench_train, report  # noqa: E402
+from benchmarks import bench_generate, bench_patch, bench_train, report  # noqa: E402
 from benchmarks.common import measure_ceilings  # noqa: E402
 
-OPS = ("attention", "decode_attention", "layer_norm", "gelu_mlp", "cross_entropy")
+OPS = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp", "cross_entropy")
 ALL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Model-level tolerance on the logits (max |error| / max |reference logit|): ten times the per-op
 # tolerance of the dtype, because a few layers chain a dozen rounded ops along the residual stream.
@@ -215,6 +219,14 @@ def _main(argv) -> int:
     if args.no_hf_compile:
         plan.compile_pairs = set()
     section("generate", lambda: bench_generate.run(device, gen_dtype, plan, ceilings, notes, errors))
+    section("patch", lambda: bench_patch.run(device, gen_dtype, quick=True, smoke=args.smoke, notes=notes))
+    if cuda and torch.cuda.device_count() > 1:  # TP parity against one GPU, TP decode and DP training timings
+        from benchmarks import bench_parallel
+
+        section("parallel", lambda: bench_parallel.run(device, gen_dtype, True, args.smoke, notes, errors))
+    else:
+        notes.append(f"parallel: skipped, tensor parallelism needs more than one GPU "
+                     f"(this machine has {torch.cuda.device_count() if cuda else 0})")
     section("train", lambda: bench_train.gpu_check_rows(device, args.smoke, notes, errors))
 
     failed = [r for r in rows if r["kind"] in ("check", "parity") and not r["ok"]]

@@ -125,6 +125,17 @@ GENERATE_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("prompt", 
 POSITION_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("dtype", "dtype", ""),
                     ("context", "context", "d"), ("decode ms/token", "decode_ms", ".3f"),
                     ("floor ms", "floor_ms", ".3f"), ("vs shortest context", "vs_first", "x")]
+PATCH_COLUMNS = [("model", "model", ""), ("phase", "phase", ""), ("shape", "shape", ""), ("dtype", "dtype", ""),
+                 ("path", "backend", ""), ("patched ms", "patched_ms", ".3f"), ("HF ms", "hf_ms", ".3f"),
+                 ("speedup", "speedup", "x"), ("goal", "goal", "x"), ("patched tok/s", "patched_tok_s", ".0f"),
+                 ("HF tok/s", "hf_tok_s", ".0f")]
+TP_DECODE_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("context", "context", "d"),
+                     ("dtype", "dtype", ""), ("TP", "tp", "d"), ("decode ms/step", "decode_ms", ".3f"),
+                     ("tok/s", "tok_s", ".1f"), ("vs TP=1", "vs_one", "x"),
+                     ("collectives ms/step", "comm_ms", ".3f"), ("% of step", "comm_pct", "%")]
+DP_TRAIN_COLUMNS = [("model", "model", ""), ("mode", "mode", ""), ("ranks", "ranks", "d"),
+                    ("batch/rank", "batch_per_rank", "d"), ("block", "block", "d"), ("ms/step", "step_ms", ".1f"),
+                    ("tok/s", "tok_s", ".0f"), ("vs 1 process", "vs_one", "x")]
 TRAIN_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("seq", "seq", "d"), ("dtype", "dtype", ""),
                  ("path", "path", ""), ("step ms", "step_ms", ".2f"), ("tokens/s", "tokens_per_s", ".0f"),
                  ("peak GB", "peak_gb", ".2f"), ("vs reference", "vs_reference", "x"),
@@ -188,10 +199,22 @@ def render(doc: dict, markdown: bool = False) -> str:
         out.append(h("Generation: tokens/s against transformers on the same weights; decode against the "
                      "weight-streaming floor"))
         out.append(format_table(gen, GENERATE_COLUMNS, markdown))
+    patch = rows_of(rows, "patch")
+    if patch:
+        out.append(h("transformers GPT-2 patched by fastgpt vs unpatched (SDPA), same weights"))
+        out.append(format_table(patch, PATCH_COLUMNS, markdown))
     pos = rows_of(rows, "decode_position")
     if pos:
         out.append(h("Decode cost per token by context length (should stay flat)"))
         out.append(format_table(with_position_ratio(pos), POSITION_COLUMNS, markdown))
+    tp = rows_of(rows, "tp_decode")
+    if tp:
+        out.append(h("Tensor-parallel decode: one step, and its collectives timed alone"))
+        out.append(format_table(tp, TP_DECODE_COLUMNS, markdown))
+    dp = rows_of(rows, "dp_train")
+    if dp:
+        out.append(h("Data-parallel training: tokens/s over all ranks"))
+        out.append(format_table(dp, DP_TRAIN_COLUMNS, markdown))
     train = rows_of(rows, "train")
     if train:
         out.append(h("Training step (forward + backward + AdamW): tokens/s and peak memory, same data"))

@@ -44,6 +44,22 @@ class LayerNorm(nn.LayerNorm):
         return kernels.layer_norm(x, self.weight, self.bias, eps=self.eps, residual=residual)
 
 
+class TiedEmbedding(nn.Embedding):
+    """The token embedding, whose table is also the output layer (GPT-2 ties them)."""
+
+    def logits(self, x):
+        return F.linear(x, self.weight)  # (..., V)
+
+    def loss(self, x, targets, reduction: str = "mean"):
+        """Cross-entropy of logits(x) against targets (-100: no loss there), without the logits: the fused
+        linear cross-entropy. A head that makes its logits its own way (a subclass overriding logits, such
+        as the vocab-parallel one) gets its loss from them instead."""
+        if type(self).logits is not TiedEmbedding.logits:
+            logits = self.logits(x)
+            return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction=reduction)
+        return kernels.linear_cross_entropy(x, self.weight, targets, reduction=reduction)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -68,7 +84,8 @@ class CausalSelfAttention(nn.Module):
         else:  # decode: one query per row against the cache
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
             o = kernels.decode_attention(q, k_all, v_all, cache_seqlens)
-        return self.resid_dropout(self.c_proj(o.transpose(1, 2).reshape(B, T, C)))
+        # nh * hs, not C: under tensor parallelism a rank holds only its own heads (fastgpt.parallel)
+        return self.resid_dropout(self.c_proj(o.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)))
 
 
 class MLP(nn.Module):
@@ -103,7 +120,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=TiedEmbedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.n_positions, config.n_embd),
             drop=nn.Dropout(config.embd_pdrop),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
@@ -164,7 +181,7 @@ class GPT(nn.Module):
                 and cache.k_cache.dtype == self.dtype and cache.k_cache.device == self.device):
             return
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(max_batch, self.config.n_head, max_len, self.config.head_dim,
+            block.attn.kv_cache = KVCache(max_batch, block.attn.n_head, max_len, self.config.head_dim,
                                           dtype=self.dtype, device=self.device)
 
     def clear_caches(self) -> None:
@@ -216,8 +233,8 @@ class GPT(nn.Module):
             x = x[:, -1:]
         x = self.transformer.ln_f(x)
         if targets is not None:  # tied head + loss, chunked over the tokens
-            return kernels.linear_cross_entropy(x, self.transformer.wte.weight, targets, reduction=reduction)
-        return F.linear(x, self.transformer.wte.weight)  # tied head, (B, T, V)
+            return self.transformer.wte.loss(x, targets, reduction=reduction)
+        return self.transformer.wte.logits(x)  # tied head, (B, T, V)
 
     # ------------------------------------------------------------------------------------- generation
     def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -19,8 +19,8 @@ and ``linear_cross_entropy``'s x and weights go to the autocast dtype for the GE
 and accumulation stay fp32; gradients come back in each input's own dtype (fp32 master weights get fp32
 gradients). ``layer_norm`` under autocast keeps h = x + residual in the promoted dtype (the fp32 residual
 stream) and returns y in the autocast dtype: y only ever feeds a matmul, which would cast it there.
-Attention and decode attention have no backward here yet: a call autograd must see, or one under
-autocast, takes the reference. ``linear_cross_entropy`` on a CPU without the interpreter runs its
+The attention ops (whole-sequence, decode and paged) have no backward here yet: a call autograd must
+see, or one under autocast, takes the reference. ``linear_cross_entropy`` on a CPU without the interpreter runs its
 chunked PyTorch path (the logits never exist whole there either); its reference is the materialised
 F.cross_entropy(x @ weight.T).
 
@@ -44,6 +44,7 @@ from kernels import cross_entropy as _cross_entropy
 from kernels import decode_attention as _decode_attention
 from kernels import gelu_mlp as _gelu_mlp
 from kernels import layer_norm as _layer_norm
+from kernels import paged_attention as _paged_attention
 from kernels import reference
 
 __all__ = ["flash_attention", "decode_attention", "paged_decode_attention", "paged_prefill_attention",
@@ -345,6 +346,10 @@ def paged_decode_attention(q, k_pages, v_pages, block_table, cache_seqlens, soft
     _check_same("cache_seqlens", cache_seqlens, "q", q, dtype=False)
     _check_shape("cache_seqlens", cache_seqlens, (B,))
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    if _dispatch_to_triton(q, k_pages, v_pages):
+        with _launch_device(q):
+            return _paged_attention.paged_decode_attention_fwd(q, k_pages, v_pages, block_table, cache_seqlens,
+                                                               softmax_scale=scale)
     return reference.paged_decode_attention(q, k_pages, v_pages, block_table, cache_seqlens, softmax_scale=scale)
 
 
@@ -371,6 +376,10 @@ def paged_prefill_attention(q, k_pages, v_pages, block_table, cu_seqlens_q, cach
     if q.shape[0] == 0:
         raise ValueError("q holds no queries (total_q = 0)")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if _dispatch_to_triton(q, k_pages, v_pages):
+        with _launch_device(q):
+            return _paged_attention.paged_prefill_attention_fwd(q, k_pages, v_pages, block_table, cu_seqlens_q,
+                                                                cache_seqlens, softmax_scale=scale)
     return reference.paged_prefill_attention(q, k_pages, v_pages, block_table, cu_seqlens_q, cache_seqlens,
                                              softmax_scale=scale)
 
@@ -396,4 +405,7 @@ def paged_kv_write(k, v, k_pages, v_pages, slot_mapping) -> None:
     _check_tensor("slot_mapping", slot_mapping, 1, dtypes=(torch.int32, torch.int64))
     _check_same("slot_mapping", slot_mapping, "k", k, dtype=False)
     _check_shape("slot_mapping", slot_mapping, (N,))
+    if _dispatch_to_triton(k, v, k_pages, v_pages):
+        with _launch_device(k):
+            return _paged_attention.paged_kv_write_fwd(k, v, k_pages, v_pages, slot_mapping)
     reference.paged_kv_write(k, v, k_pages, v_pages, slot_mapping)
