@@ -333,9 +333,13 @@ PREFILL_CONFIGS = [
     _cfg(64, 128, 64, 4, 4),
     _cfg(128, 64, 64, 4, 4),
 ]
-# dGELU and dropout epilogues (a second tile read and written; Philox's state) spill beside 128 x 256's
-# 128 accumulators per thread even when finished in quarters: they choose among the others.
-HEAVY_EPILOGUE_CONFIGS = PREFILL_CONFIGS[1:]
+# Register-heavy variants choose among fewer tiles (kernels.compile_report shows the others spilling):
+# dGELU and dropout epilogues (a second tile read and written; Philox's state) take 128 x 128 with 8 warps
+# (128 x 256 spills on both archs even when finished in quarters, the 4-warp tiles by 8 bytes on sm_80
+# under Triton 3.6); weight gradients, with both operands column-major, all but 128 x 256 (which spills on
+# sm_80 under Triton 3.6).
+HEAVY_EPILOGUE_CONFIGS = [PREFILL_CONFIGS[1]]
+TRANSPOSED_CONFIGS = PREFILL_CONFIGS[1:]
 # M <= 64: the weights dominate the traffic. Narrow tiles and deep K steps put many programs on the
 # weight stream; BLOCK_M 64 covers M in 33..64 with one row-tile.
 DECODE_CONFIGS = [
@@ -381,10 +385,12 @@ def _weight_grad_splits(M: int, N: int, K: int, num_sms: int) -> int:
     return splits
 
 
-def _configs(regime: str, heavy: bool) -> list:
+def _configs(regime: str, heavy: bool, both_transposed: bool) -> list:
     if regime == "decode":
         return DECODE_CONFIGS
-    return HEAVY_EPILOGUE_CONFIGS if heavy else PREFILL_CONFIGS
+    if heavy:
+        return HEAVY_EPILOGUE_CONFIGS
+    return TRANSPOSED_CONFIGS if both_transposed else PREFILL_CONFIGS
 
 
 @functools.cache
@@ -392,7 +398,8 @@ def _autotuned(regime: str, m_bucket: int, x_t: bool, w_t: bool, heavy: bool):
     # One autotuner per (regime, M bucket, operand layout, epilogue weight): Triton keys only on kernel
     # arguments, and M itself would re-tune for every prompt length; a transposed operand wants its own
     # choice. All of them share the jit function's compiled binaries.
-    return triton.autotune(configs=_configs(regime, heavy), key=["N", "K", "K_PER_SPLIT"])(_linear_kernel)
+    configs = _configs(regime, heavy, x_t and w_t)
+    return triton.autotune(configs=configs, key=["N", "K", "K_PER_SPLIT"])(_linear_kernel)
 
 
 def _operand(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -483,7 +490,7 @@ def gemm(a, w, y, *, bias=None, residual=None, activation: str | None = None, z=
         _autotuned(regime, _m_bucket(M), x_t, w_t, heavy)[grid](*args, **meta)
     else:
         if config is None:
-            config = _configs(regime, heavy)[0]
+            config = _configs(regime, heavy, x_t and w_t)[0]
         _linear_kernel[grid](*args, **meta, **config.kwargs,
                              num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -728,11 +735,11 @@ def compile_specs() -> list[KernelSpec]:
                              dropout=True, ydt="fp32", rdt="fp32"))
     specs.append(linear_spec("decode", d0, "bf16", "dgelu_tanh", False, False, "dz (W.T) splitk", w_t=True))
     specs.append(linear_spec("prefill", p0, "bf16", "none", False, True, "dx (W.T)", w_t=True))
-    for cfg in PREFILL_CONFIGS[:2]:
+    for cfg in TRANSPOSED_CONFIGS:
         specs.append(linear_spec("prefill", cfg, "bf16", "none", False, False, "dW (X.T, W.T) splitk",
                                  x_t=True, w_t=True))
-    specs.append(linear_spec("prefill", p0, "bf16", "none", False, True, "dW (X.T, W.T) fp32", x_t=True,
-                             w_t=True, ydt="fp32"))
+    specs.append(linear_spec("prefill", TRANSPOSED_CONFIGS[0], "bf16", "none", False, True, "dW (X.T, W.T) fp32",
+                             x_t=True, w_t=True, ydt="fp32"))
     specs.append(reduce_spec("bf16", "dgelu_tanh", False))
     specs.append(reduce_spec("bf16", "none", True, dropout=True, rdt="fp32", ydt="fp32"))
     drop_sig = {"DY": "*fp32", "DX": "*bf16", "M": "i32", "N": "i32", "stride_dym": "i32", "stride_dxm": "i32",
