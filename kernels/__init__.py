@@ -94,9 +94,12 @@ def _dispatch_to_triton(*tensors, trainable: bool = False) -> bool:
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast would run a matmul on t's device in, or None when autocast is off there."""
+    """The dtype autocast would run a matmul with t in, or None: autocast is off on t's device, or t is
+    float64, which autocast leaves alone."""
     device_type = t.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if t.dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def _launch_device(t: torch.Tensor):
