@@ -148,21 +148,25 @@ def flash_attention(q, k, v, causal: bool, softmax_scale: float, ref: bool) -> t
 
 
 # ---------------------------------------------------------------------------------------------- layer_norm
+def _no_stats(x):
+    """Two distinct empty tensors: an operator's outputs must not alias one another."""
+    return x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+
+
 def _layer_norm(x, weight, bias, residual, eps, out_dtype, return_stats, ref):
-    empty = x.new_empty(0, dtype=torch.float32)
     if _triton(x, ref):
         with _launch_device(x):
             out = _ln.layer_norm_fwd(x, weight, bias, eps=eps, residual=residual, return_stats=return_stats,
                                              out_dtype=out_dtype)
         out = out if isinstance(out, tuple) else (out,)
         y, h = out[0], (out[1] if residual is not None else x.new_empty(0))
-        mean, rstd = (out[-2], out[-1]) if return_stats else (empty, empty)
+        mean, rstd = (out[-2], out[-1]) if return_stats else _no_stats(x)
         return y, h, mean, rstd
     if residual is None:
         y, h = reference.layer_norm(x, weight, bias, eps=eps), x
     else:
         y, h = reference.layer_norm(x, weight, bias, eps=eps, residual=residual)
-    mean, rstd = reference.layer_norm_stats(h, eps) if return_stats else (empty, empty)
+    mean, rstd = reference.layer_norm_stats(h, eps) if return_stats else _no_stats(x)
     h = h.contiguous() if residual is not None else x.new_empty(0)
     return y.to(out_dtype or y.dtype).contiguous(), h, mean, rstd
 
@@ -190,9 +194,10 @@ def _layer_norm_bwd(dy, dh, h, weight, mean, rstd, x_dtype, res_dtype, weight_gr
         dres = dx.to(res_dtype) if res_dtype is not None else None
         dx = dx.to(x_dtype)
     # the residual's gradient is dx itself when their dtypes match (the caller passes it twice)
-    dres = dres if dres is not None and res_dtype != x_dtype else h.new_empty(0)
-    empty = h.new_empty(0, dtype=torch.float32)
-    return (dx.contiguous(), dres.contiguous(), dw if weight_grads else empty, db if weight_grads else empty)
+    dres = dres if dres is not None and res_dtype != x_dtype else h.new_empty(0, dtype=res_dtype or x_dtype)
+    if not weight_grads:
+        dw, db = _no_stats(h)
+    return dx.contiguous(), dres.contiguous(), dw, db
 
 
 def _layer_norm_bwd_fake(dy, dh, h, weight, mean, rstd, x_dtype, res_dtype, weight_grads, ref):
