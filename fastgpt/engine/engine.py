@@ -62,9 +62,10 @@ def _positive_int(name: str, value) -> int:
 class Engine:
     def __init__(self, model, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 enable_prefix_caching: bool = True, cuda_graphs: bool = True):
+                 enable_prefix_caching: bool = True, cuda_graphs: bool = True, compile: bool = False):
         """model: a fastgpt GPT (any device and dtype it supports); tokenizer: a fastgpt Tokenizer, or None
-        for token-id prompts only (outputs then have no text)."""
+        for token-id prompts only (outputs then have no text). compile: run each step's packed forward
+        through torch.compile (see runner.py; the first steps of each kind pay the compilation)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -80,7 +81,7 @@ class Engine:
         self.num_blocks = _positive_int("num_blocks", num_blocks)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size, self.max_num_seqs, cuda_graphs)
+        self.runner = ModelRunner(model, num_blocks, block_size, self.max_num_seqs, cuda_graphs, compile=compile)
         self.generator = torch.Generator(device=self.device)  # unseeded requests share it
         self.generator.seed()
         self.requests: dict[str, Request] = {}
