@@ -162,41 +162,53 @@ def run(args) -> int:
     prompts = read_prompts(args)
     validate_sampling(args.temperature, args.top_k, args.top_p)
     world = parallel.World.from_env()
-    if args.tp > 1 or world.size > 1:
-        return _run_tensor_parallel(args, prompts, world)
-    device = resolve_device(args.device)
     model_dir = _model_dir(args)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = GPT.from_pretrained(model_dir, device=device, dtype=args.dtype)
-    requests = []
-    for i, prompt in enumerate(prompts):
-        ids, max_new = _prompt_ids(tokenizer, model.config, prompt, args.max_new_tokens,
-                                   "prompt" if len(prompts) == 1 else f"prompt {i + 1}")
-        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p or 1.0,
-                                max_tokens=max_new, seed=args.seed)
-        requests.append((ids, params))
-    block_size = 16
-    needed = sum(-(-(len(ids) + p.max_tokens) // block_size) for ids, p in requests)
-    max_seqs = min(len(requests), 256)
-    engine = Engine(model, tokenizer, block_size=block_size, max_num_seqs=max_seqs,
-                    num_blocks=min(needed, default_num_blocks(model, block_size, max_seqs)))
-    for i, (ids, params) in enumerate(requests):
-        engine.add_request(str(i), ids, params)
+    tensor_parallel = args.tp > 1 or world.size > 1
+    if tensor_parallel:  # one shard per process; every rank runs what follows alike, rank 0 prints
+        world, device = parallel.launch_tensor_parallel(args.tp, args.device)
+    else:
+        device = resolve_device(args.device)
+    try:
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        if tensor_parallel:
+            model = parallel.load_tensor_parallel(model_dir, device=device, dtype=args.dtype)
+        else:
+            model = GPT.from_pretrained(model_dir, device=device, dtype=args.dtype)
+        requests = []
+        for i, prompt in enumerate(prompts):
+            ids, max_new = _prompt_ids(tokenizer, model.config, prompt, args.max_new_tokens,
+                                       "prompt" if len(prompts) == 1 else f"prompt {i + 1}")
+            params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p or 1.0,
+                                    max_tokens=max_new, seed=args.seed)
+            requests.append((ids, params))
+        block_size = 16
+        needed = sum(-(-(len(ids) + p.max_tokens) // block_size) for ids, p in requests)
+        max_seqs = min(len(requests), 256)
+        engine = Engine(model, tokenizer, block_size=block_size, max_num_seqs=max_seqs,
+                        num_blocks=min(needed, default_num_blocks(model, block_size, max_seqs)))
+        for i, (ids, params) in enumerate(requests):
+            engine.add_request(str(i), ids, params)
 
-    printer = _Printer(sys.stdout, prompts)
-    t0 = time.perf_counter()
-    t_first = None
-    n_tokens = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if t_first is None:
-                t_first = time.perf_counter()
-            completion = out.outputs[0]
-            printer.update(int(out.request_id), completion.text, out.finished)
-            if out.finished:
-                n_tokens += sum(1 for t in completion.token_ids if t != tokenizer.eos_token_id)
-    t_end = time.perf_counter()
-    where = f"{device}, {model.dtype}".replace("torch.", "")
+        printer = _Printer(sys.stdout if world.is_main else io.StringIO(), prompts)
+        t0 = time.perf_counter()
+        t_first = None
+        n_tokens = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if t_first is None:
+                    t_first = time.perf_counter()
+                completion = out.outputs[0]
+                printer.update(int(out.request_id), completion.text, out.finished)
+                if out.finished:
+                    n_tokens += sum(1 for t in completion.token_ids if t != tokenizer.eos_token_id)
+        t_end = time.perf_counter()
+    finally:
+        if tensor_parallel:
+            parallel.destroy_process_group()
+    where = f"{device}{f' x {world.size} ranks (tensor parallel)' if tensor_parallel else ''}, {model.dtype}"
+    where = where.replace("torch.", "")
+    if not world.is_main:
+        return 0
     if len(prompts) == 1:
         decode_s = t_end - (t_first or t_end)
         rate = (n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else float("nan")
@@ -206,52 +218,6 @@ def run(args) -> int:
         rate = n_tokens / (t_end - t0) if t_end > t0 else float("nan")
         print(f"[{len(prompts)} prompts, {n_tokens} tokens in {t_end - t0:.2f} s; {rate:.1f} output tokens/s; "
               f"{where}]", file=sys.stderr)
-    return 0
-
-
-def _run_tensor_parallel(args, prompts: list[str], world) -> int:
-    """One prompt through a model sharded by heads over torchrun's processes (the engine runs on one
-    device): the dense path's stream; every rank generates the same text, rank 0 prints it."""
-    import torch
-
-    from fastgpt import Tokenizer, parallel
-
-    if len(prompts) > 1:
-        raise ValueError(f"--tp runs one prompt at a time, got {len(prompts)}")
-    world, device = parallel.launch_tensor_parallel(args.tp, args.device)
-    model_dir = _model_dir(args)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = parallel.load_tensor_parallel(model_dir, device=device, dtype=args.dtype)
-    ids, max_new = _prompt_ids(tokenizer, model.config, prompts[0], args.max_new_tokens, "prompt")
-    input_ids = torch.tensor([ids], device=device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-
-    out = sys.stdout if world.is_main else io.StringIO()
-    printer = _Printer(out, prompts)
-    new_ids: list[int] = []
-    t0 = time.perf_counter()
-    t_first = None
-    for tokens in model.stream(input_ids, max_new, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=generator):
-        if t_first is None:
-            t_first = time.perf_counter()
-        tok = int(tokens[0])
-        if tok == tokenizer.eos_token_id:
-            break
-        new_ids.append(tok)
-        text = tokenizer.decode(new_ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            printer.update(0, text, False)
-    printer.update(0, tokenizer.decode(new_ids), True)
-    t_end = time.perf_counter()
-    n = len(new_ids)
-    decode_s = t_end - (t_first or t_end)
-    rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
-    if world.is_main:
-        print(f"[{n} tokens in {t_end - t0:.2f} s; prefill {len(ids)} tokens {1e3 * ((t_first or t_end) - t0):.0f} ms; "
-              f"decode {rate:.1f} tokens/s; {device} x {world.size} ranks (tensor parallel), {model.dtype}]"
-              .replace("torch.", ""), file=sys.stderr)
-    parallel.destroy_process_group()
     return 0
 
 
