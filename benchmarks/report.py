@@ -133,6 +133,10 @@ TP_DECODE_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("context"
                      ("dtype", "dtype", ""), ("TP", "tp", "d"), ("decode ms/step", "decode_ms", ".3f"),
                      ("tok/s", "tok_s", ".1f"), ("vs TP=1", "vs_one", "x"),
                      ("collectives ms/step", "comm_ms", ".3f"), ("% of step", "comm_pct", "%")]
+TP_ENGINE_COLUMNS = [("model", "model", ""), ("requests", "requests", "d"), ("prompt", "prompt_len", "d"),
+                     ("new tokens", "max_tokens", "d"), ("dtype", "dtype", ""), ("TP", "tp", "d"),
+                     ("generate ms", "generate_ms", ".1f"), ("output tok/s", "tok_s", ".1f"),
+                     ("vs TP=1", "vs_one", "x"), ("same tokens as TP=1", "same_tokens", "")]
 DP_TRAIN_COLUMNS = [("model", "model", ""), ("mode", "mode", ""), ("ranks", "ranks", "d"),
                     ("batch/rank", "batch_per_rank", "d"), ("block", "block", "d"), ("ms/step", "step_ms", ".1f"),
                     ("tok/s", "tok_s", ".0f"), ("vs 1 process", "vs_one", "x")]
@@ -203,6 +207,10 @@ def render(doc: dict, markdown: bool = False) -> str:
     if tp:
         out.append(h("Tensor-parallel decode: one step, and its collectives timed alone"))
         out.append(format_table(tp, TP_DECODE_COLUMNS, markdown))
+    tp_engine = rows_of(rows, "tp_engine")
+    if tp_engine:
+        out.append(h("Tensor-parallel engine: greedy requests through Engine.generate, eager"))
+        out.append(format_table(tp_engine, TP_ENGINE_COLUMNS, markdown))
     dp = rows_of(rows, "dp_train")
     if dp:
         out.append(h("Data-parallel training: tokens/s over all ranks"))
