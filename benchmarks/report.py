@@ -144,6 +144,14 @@ ENGINE_COLUMNS = [("model", "model", ""), ("dtype", "dtype", ""), ("system", "sy
                   ("concurrency", "concurrency", "d"), ("requests", "requests", "d"),
                   ("output tok/s", "output_tok_s", ".0f"), ("goal tok/s", "goal_tok_s", ".0f"),
                   ("step us", "step_us", ".1f"), ("goal us", "goal_us", ".0f")]
+TRAIN_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("seq", "seq", "d"), ("dtype", "dtype", ""),
+                 ("path", "path", ""), ("step ms", "step_ms", ".2f"), ("tokens/s", "tokens_per_s", ".0f"),
+                 ("peak GB", "peak_gb", ".2f"), ("vs reference", "vs_reference", "x"),
+                 ("vs transformers", "vs_transformers", "x"), ("memory vs reference", "mem_vs_reference", "x")]
+MEMORY_COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("dtype", "dtype", ""), ("ours MB", "ours_mb", ".0f"),
+                  ("peer", "peer", ""), ("peer MB", "peer_mb", ".0f"), ("ours / peer", "ratio", ".3f"),
+                  ("measured as", "method", "")]
+GOAL_COLUMNS = [("goal", "goal", ""), ("measured", "measured", ".2f"), ("target", "target", ".2f"), ("ok", "ok", "")]
 CHECK_COLUMNS = [("op", "op", ""), ("case", "case", ""), ("dtype", "dtype", ""), ("max err", "max_err", ".2e"),
                  ("tol", "tol", ".1e"), ("ok", "ok", "")]
 
@@ -190,6 +198,10 @@ def render(doc: dict, markdown: bool = False) -> str:
         out.append(h("Kernels: " + doc.get("kernel_label", "")))
         if kern:
             out.append(format_table(kern, KERNEL_COLUMNS, markdown))
+    memory = rows_of(rows, "memory")
+    if memory:
+        out.append(h("Peak memory"))
+        out.append(format_table(memory, MEMORY_COLUMNS, markdown))
     gen = rows_of(rows, "generate")
     if gen:
         out.append(h("Generation: tokens/s against transformers on the same weights; decode against the "
@@ -219,6 +231,14 @@ def render(doc: dict, markdown: bool = False) -> str:
     if engine:
         out.append(h("Engine: continuous batching (benchmarks/bench_engine.py)"))
         out.append(format_table(engine, ENGINE_COLUMNS, markdown))
+    train = rows_of(rows, "train")
+    if train:
+        out.append(h("Training step (forward + backward + AdamW): tokens/s and peak memory, same data"))
+        out.append(format_table(train, TRAIN_COLUMNS, markdown))
+    goal = rows_of(rows, "goal")
+    if goal:
+        out.append(h("Training goals"))
+        out.append(format_table(goal, GOAL_COLUMNS, markdown))
     notes = doc.get("notes", [])
     if notes:
         out.append(h("Notes"))

@@ -1,4 +1,4 @@
-"""``fastgpt bench [kernels|generate|all]``: how fast the fused ops and generation are, here and now.
+"""``fastgpt bench [kernels|generate|train|all]``: how fast the fused ops, generation and training are.
 
     fastgpt bench --quick                          # both suites, small sizes; a table on stdout
     fastgpt bench kernels --dtype bfloat16,float16 --json results.json --plot plots/
@@ -13,6 +13,8 @@ parallel: benchmarks/bench_parallel.py, tensor-parallel decode and data-parallel
           of `all`: it launches jobs of its own.
 engine:   benchmarks/bench_engine.py, many random requests through the engine against transformers'
           continuous batching and static batches (not part of `all`: it runs for many minutes on a CPU).
+train:    benchmarks/bench_train.py, a training step's tokens/s and peak memory: fused kernels against the
+          PyTorch reference path and transformers. Not part of `all`: gpt2-sized steps take minutes.
 Every run first measures the device's ceilings (copy bandwidth; matmul throughput on CUDA) so that each
 rate is also shown as a percentage of what this machine can do. Progress goes to stderr.
 """
@@ -24,12 +26,13 @@ import importlib
 import os
 import sys
 
-KERNEL_OPS = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp")  # benchmarks/bench_<op>.py
+KERNEL_OPS = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp",
+              "cross_entropy")  # benchmarks/bench_<op>.py
 CPU_LABEL = "CPU reference path (PyTorch), not Triton kernel results"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suite", nargs="?", default="all", choices=["kernels", "generate", "parallel", "engine", "all"],
+    p.add_argument("suite", nargs="?", default="all", choices=["kernels", "generate", "parallel", "engine", "train", "all"],
                    help="what to time (default: all = kernels + generate)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None,
@@ -240,6 +243,10 @@ def cpu_reference_rows(dtypes, quick: bool, smoke: bool, ceilings: dict, notes: 
                 add("gelu_mlp", f"M={M} C={C} F={4 * C} +residual", dtype,
                     lambda: kernels.gelu_mlp(x, w1, b1, w2, b2, residual=r), peers,
                     16 * M * C * C, "TFLOP/s")  # two GEMMs of 2*M*C*4C FLOPs
+    from benchmarks import bench_cross_entropy
+
+    _log("kernels (CPU reference): cross_entropy")
+    rows += bench_cross_entropy.cpu_rows(dtypes, quick, smoke, ceilings)  # forward + backward, needs autograd
     return rows
 
 
@@ -327,6 +334,11 @@ def _run(args, interpreter_was_on: bool) -> int:
         rows += bench_parallel.run(device, dtypes[0], args.quick, args.smoke, notes, errors)
         errors += [f"parallel: {r['model']}: logits off by {r['max_err']:.2e} (tolerance {r['tol']:.0e})"
                    for r in rows if r["kind"] == "parity" and not r["ok"]]
+    if args.suite == "train":
+        from benchmarks import bench_train
+
+        train_rows = bench_train.run(device, dtypes[0], args.quick, args.smoke, ceilings, notes, errors)
+        rows += train_rows + bench_train.goals(train_rows)
     doc.update({
         "settings": {"suite": args.suite, "quick": bool(args.quick), "smoke": bool(args.smoke),
                      "dtypes": [str(d).replace("torch.", "") for d in dtypes], "model": args.model,

@@ -56,10 +56,21 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> torch.Tensor:
-    """gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias (+ residual)."""
+def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None, dropout_p: float = 0.0) -> torch.Tensor:
+    """dropout(gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias) (+ residual)."""
     y = F.linear(gelu_tanh(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
+    if dropout_p > 0:
+        y = F.dropout(y, dropout_p, training=True)
     return y if residual is None else y + residual
+
+
+def linear_cross_entropy(x, weight, targets, ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """F.cross_entropy(x @ weight.T, targets): the (N, V) logits materialised, the softmax in fp32 at least.
+
+    x (..., C), weight (V, C), targets (...) int64 -> a 0-dim loss (mean over the counted rows, or sum)."""
+    logits = F.linear(x.reshape(-1, x.shape[-1]), weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=ignore_index, reduction=reduction)
 
 
 # ------------------------------------------------------------------------------- paged KV cache (engine)
