@@ -120,21 +120,25 @@ def run(args) -> int:
             follow(engine, lockstep)
             log.info("rank %d: rank 0 stopped serving; leaving", world.rank)
             return 0
-        names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
-        config = ServeConfig(served_model_names=names, api_key=api_key, max_body_bytes=args.max_body_bytes,
-                             max_queue=args.max_queue, chat_template=template)
-        app, state = build_app(engine, config, lockstep)
-        tp_note = f" x {world.size} ranks (tensor parallel)" if tensor_parallel else ""
-        log.info("model %s (%s%s, %s, %d blocks of %d tokens, %d torch threads), served as %s; chat template: %s; "
-                 "api key: %s", model_dir, engine.device, tp_note, str(engine.model.dtype).replace("torch.", ""),
-                 engine.num_blocks, engine.block_size, torch.get_num_threads(), ", ".join(names),
-                 template.origin if template else "none",
-                 "required" if api_key else "none")
+        state = None
         try:
+            names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
+            config = ServeConfig(served_model_names=names, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                                 max_queue=args.max_queue, chat_template=template)
+            app, state = build_app(engine, config, lockstep)
+            tp_note = f" x {world.size} ranks (tensor parallel)" if tensor_parallel else ""
+            log.info("model %s (%s%s, %s, %d blocks of %d tokens, %d torch threads), served as %s; "
+                     "chat template: %s; api key: %s", model_dir, engine.device, tp_note,
+                     str(engine.model.dtype).replace("torch.", ""), engine.num_blocks, engine.block_size,
+                     torch.get_num_threads(), ", ".join(names), template.origin if template else "none",
+                     "required" if api_key else "none")
             return serve(app, state, sock, args.grace_period, args.log_level, args.access_log)
         finally:
-            state.loop.stop()
-            if lockstep is not None and not state.loop.thread_alive:  # e.g. the server never started
+            if state is not None:
+                state.loop.stop()
+            # the engine loop tells the other ranks when it ends; if it never ran (or the server never
+            # started), they hear it here
+            if lockstep is not None and (state is None or not state.loop.thread_alive):
                 lockstep.close()
     finally:
         if sock is not None:
