@@ -24,6 +24,9 @@ Two all-reduces per block and two collectives per forward, of (B, T, C) or (B, T
 Every rank runs the same generation loop: the inputs of every sampling step are results of the same
 collectives, bit for bit the same on every rank, so the same seed picks the same token everywhere and
 nothing needs to be broadcast. The TP modules are for inference (their collectives have no backward).
+The engine runs the same way on every rank; ``TPGroup`` is what its ranks settle once when it is made
+(settings, the shared generator's seed, the KV-cache size), and ``Lockstep`` carries the server's requests
+from rank 0, which takes them over HTTP, to the other ranks before each step.
 
 Data parallelism (training): DDP, or FSDP2's ``fully_shard`` per block and at the root. The loop draws
 each optimizer step's windows as one global batch (batch x grad-accum x world) and every rank takes its
