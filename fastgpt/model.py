@@ -25,7 +25,8 @@ from fastgpt.config import GPTConfig
 
 
 # weights that decode on CPU streams faster from (in, out) storage: see GPT.use_cpu_decode_layout
-CPU_INPUT_MAJOR = ("transformer.wte.weight", "attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight")
+CPU_INPUT_MAJOR = ("transformer.wte.weight", "attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                   "mlp.c_proj.weight")
 
 
 class LayerNorm(nn.LayerNorm):
@@ -35,13 +36,21 @@ class LayerNorm(nn.LayerNorm):
         return kernels.layer_norm(x, self.weight, self.bias, eps=self.eps, residual=residual)
 
 
+class Linear(nn.Linear):
+    """nn.Linear's parameters, with the forward from kernels (on CPU, a decode step's product is split
+    across the threads)."""
+
+    def forward(self, x):
+        return kernels.linear(x, self.weight, self.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, input_pos=None, cache_seqlens=None):
@@ -141,12 +150,14 @@ class GPT(nn.Module):
             block.attn.kv_cache = None
 
     def use_cpu_decode_layout(self) -> "GPT":
-        """Store the weights that batch-1 decode streams on CPU in (in, out) order, as transposed views.
+        """Store the weights that decode streams on CPU in (in, out) order, as transposed views.
 
-        PyTorch's CPU matrix-vector product reads these faster that way than in nn.Linear's (out, in)
-        order (measured with torch 2.13 on 1 thread: the tied head 12.9 -> 22.5 GB/s, a gpt2 decode
-        step 43 -> 33 ms); mlp.c_proj reads faster as it is. Values and shapes are unchanged. The
-        Triton launchers want (out, in) rows, so this is for CPU models only (``from_pretrained`` on CPU).
+        One layout that every product reads fast: a decode step's few-row products split their input
+        features across the CPU threads (kernels.reference.linear), which needs each slice of a weight's
+        input rows to be contiguous, i.e. (in, out) storage; and on one thread MKL's matrix-vector product
+        reads most of gpt2's weights faster that way too (torch 2.13: the tied head 12.9 -> 22.5 GB/s).
+        Prefill-sized products read both orders alike. Values and shapes are unchanged. The Triton
+        launchers want (out, in) rows, so this is for CPU models only (``from_pretrained`` on CPU).
         """
         for name, p in self.named_parameters():
             if name.endswith(CPU_INPUT_MAJOR) and p.is_contiguous():
@@ -177,7 +188,7 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.transformer.ln_f(x)
-        return F.linear(x, self.transformer.wte.weight)  # tied head, (B, T, V)
+        return kernels.linear(x, self.transformer.wte.weight)  # tied head, (B, T, V)
 
     # ------------------------------------------------------------------------------------- generation
     def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -20,6 +20,7 @@ import contextlib
 import os
 
 import torch
+import torch.nn.functional as F
 
 # The kernel modules are imported here, before the public ops are defined, for a reason: importing a
 # submodule for the first time binds it on the package under its own name, and three of them share
@@ -32,7 +33,7 @@ from kernels import layer_norm as _layer_norm
 from kernels import reference
 
 __all__ = ["flash_attention", "decode_attention", "paged_decode_attention", "paged_prefill_attention",
-           "paged_kv_write", "layer_norm", "gelu_mlp", "reference", "uses_triton"]
+           "paged_kv_write", "layer_norm", "gelu_mlp", "linear", "reference", "uses_triton"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -211,6 +212,31 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> to
         with _launch_device(x):
             return _gelu_mlp.gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)
     return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)
+
+
+def linear(x, weight, bias=None) -> torch.Tensor:
+    """x @ weight.T + bias: the model's plain projections (attention in and out, the tied head).
+
+    x: (..., in); weight: (out, in), stored either way (a transposed view of an (in, out) tensor is fine);
+    bias: None or (out,). Returns (..., out) in x's dtype. There is no Triton kernel: on CUDA this is
+    F.linear (cuBLAS; the fused epilogues that Triton earns its keep with are in gelu_mlp), on a CPU
+    kernels.reference.linear, which splits a decode step's few-row product across the CPU threads.
+    """
+    _check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    _check_tensor("weight", weight, 2)
+    _check_same("weight", weight, "x", x)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape (out, {x.shape[-1]}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        _check_same("bias", bias, "x", x)
+        _check_shape("bias", bias, (weight.shape[0],))
+    if x.is_cuda:
+        return F.linear(x, weight, bias)
+    return reference.linear(x, weight, bias)
 
 
 # ------------------------------------------------------------------------------- paged KV cache (engine)

@@ -8,6 +8,8 @@ compute in the input dtype the way PyTorch's own modules do, so the model on CPU
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -31,16 +33,86 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | 
     """q (B,H,1,D) against the first cache_seqlens[b] positions of k/v_cache (B,H,Tmax,D) -> (B,H,1,D)."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     if not q.is_cuda:  # read only the filled part of the cache (a free host read on CPU; a sync on a GPU)
-        filled = max(int(cache_seqlens.max()), 1)
+        lens = cache_seqlens.tolist()
+        filled = max(max(lens), 1)
         k_cache, v_cache = k_cache[:, :, :filled], v_cache[:, :, :filled]
+        if min(lens) == filled:
+            # every row as long as the longest (always so at batch 1): no mask to build, and SDPA's one
+            # call is 15 us where the spelled-out ops below take 55 (1 thread, gpt2's 12 heads; its
+            # parallel region costs little more than the one split-K linear opens per projection)
+            return F.scaled_dot_product_attention(q, k_cache, v_cache, scale=scale)
     Tmax = k_cache.shape[-2]
     valid = torch.arange(Tmax, device=q.device)[None, :] < cache_seqlens.to(q.device).long()[:, None]  # (B, Tmax)
-    # spelled out rather than SDPA: for a single query, CPU SDPA's threaded kernel cost milliseconds
-    # per call on a busy 2-core machine (seen: 5.6 ms vs 0.03 ms for these three small ops)
+    # ragged rows spelled out rather than SDPA with a mask: for a single query, CPU SDPA's threaded kernel
+    # with a mask cost milliseconds per call on a busy 2-core machine (seen: 5.6 ms vs 0.03 ms)
     acc_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 softmax, float64 kept for the truth
     scores = torch.matmul(q, k_cache.transpose(-1, -2)).to(acc_dtype) * scale  # (B, H, 1, Tmax)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     return torch.matmul(scores.softmax(dim=-1).to(v_cache.dtype), v_cache)
+
+
+def linear(x, weight, bias=None) -> torch.Tensor:
+    """x @ weight.T + bias, as F.linear: x (..., in), weight (out, in) in either storage order, bias (out,).
+
+    A few rows on a CPU (decode steps: one row per sequence) make a product whose time is the time to read
+    the weight once. F.linear hands it to MKL, which runs a one-row product on a single thread whatever
+    torch.set_num_threads says (seen in per-thread CPU time, torch 2.13 on a 2-core AMD EPYC), so the other
+    cores' memory bandwidth goes unused; a few rows it does thread, but slowly. When the weight is stored
+    (in, out) (GPT.use_cpu_decode_layout), its input features split into S contiguous slices (split-K):
+        y = sum_s x[:, slice_s] @ weight.T[slice_s]      one (rows, in/S) @ (in/S, out) product per slice,
+    which torch.bmm hands to MKL's batched GEMM as S independent products, one per thread; the S partial
+    sums (S x rows x out, small next to the weight) are then added. See linear_splits for when.
+    """
+    splits = linear_splits(x, weight, bias)
+    if splits > 1:
+        return _split_k_linear(x, weight, bias, splits)
+    return F.linear(x, weight, bias)
+
+
+# Split-K pays while the weight read dominates: measured faster than F.linear up to 64 rows and even at
+# 512 (per-thread CPU time, gpt2's c_attn and mlp.c_proj shapes, 2 threads), so prefill-sized products stay
+# F.linear; and while a weight's read (>= 1 MB: 30 us and more) outweighs the parallel region and the two
+# small ops it adds (~10 us), so a tiny model's products stay F.linear too.
+SPLIT_K_MAX_ROWS = 64
+SPLIT_K_MIN_WEIGHT = 1 << 18  # elements
+_MKL = None  # torch.backends.mkl.is_available(), looked up on first use
+
+
+def linear_splits(x, weight, bias=None) -> int:
+    """How many slices of the input features ``linear`` computes in parallel; 1 means plain F.linear.
+
+    Split-K needs: a CPU with more than one intra-op thread; fp32 throughout (the float64 truth keeps
+    F.linear); at most SPLIT_K_MAX_ROWS rows; a weight of at least SPLIT_K_MIN_WEIGHT elements stored
+    (in, out), so that each slice is one contiguous block; nothing autograd must see; and MKL, whose
+    batched GEMM runs the slices on separate threads (without it torch.bmm loops over them on one thread,
+    and F.linear is better). The slice count is the greatest common divisor of the thread count and the
+    input features (2 for gpt2 on 2 threads), so the slices are equal."""
+    global _MKL
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return 1
+    out_features, in_features = weight.shape
+    if x.numel() > SPLIT_K_MAX_ROWS * in_features or weight.numel() < SPLIT_K_MIN_WEIGHT:
+        return 1
+    if weight.stride(0) != 1 or (weight.stride(1) != out_features and out_features > 1):
+        return 1  # not (in, out) storage
+    if bias is not None and bias.dtype != torch.float32:
+        return 1
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return 1
+    if _MKL is None:
+        _MKL = torch.backends.mkl.is_available()
+    return math.gcd(torch.get_num_threads(), in_features) if _MKL else 1
+
+
+def _split_k_linear(x, weight, bias, splits: int):
+    out_features, in_features = weight.shape
+    rows = x.reshape(-1, splits, in_features // splits).transpose(0, 1)  # (S, M, in / S)
+    slices = weight.t().view(splits, in_features // splits, out_features)  # (S, in / S, out): no copy
+    y = torch.bmm(rows, slices).sum(0)  # (M, out)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], out_features)
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
@@ -58,7 +130,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> torch.Tensor:
     """gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias (+ residual)."""
-    y = F.linear(gelu_tanh(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
+    y = linear(gelu_tanh(linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
     return y if residual is None else y + residual
 
 
