@@ -308,3 +308,21 @@ def test_cpu_decode_mode_of_the_generate_suite(capsys, monkeypatch):
     assert "same tokens as transformers: True" in out
     assert "goal 1.5x" in out and "goal 70%" in out
     assert "weight-streaming floor" in out and "read-only floor" in out
+
+
+def test_cpu_matvec_table_covers_every_candidate():
+    """benchmarks/bench_cpu_matvec.py on small shapes, one round: a rate (or the reason there is none) for
+    every candidate at every thread count, and the environment and load with the numbers."""
+    from benchmarks import bench_cpu_matvec
+
+    result = bench_cpu_matvec.measure([1, 2], 1, {"a": (256, 96), "odd": (257, 64)}, stream_bytes=1 << 20)
+    names = set(bench_cpu_matvec.candidates())
+    assert {"kernels.linear", "bmm split-K (in,out)", "F.linear (out,in)"} <= names
+    rows = result["rows"]
+    assert len(rows) == 2 * 2 * len(names)
+    for r in rows:
+        assert (r["gbs"] is not None and r["gbs"] > 0) or r["note"], r
+    assert not [r for r in rows if r["note"] and r["note"].startswith("wrong result")]
+    assert result["load_avg_before"] and result["device_name"] and result["date"]
+    table = bench_cpu_matvec.format_table(result)
+    assert "load average" in table and "kernels.linear" in table
