@@ -13,7 +13,7 @@ import os
 import sys
 
 # each op's suite benchmarks/bench_<op>.py (check() and run(), see benchmarks/common.py); a new op is a name here
-KERNEL_OPS = ("attention", "decode_attention", "layer_norm", "gelu_mlp")
+KERNEL_OPS = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp")
 CPU_LABEL = "CPU reference path (PyTorch), not Triton kernel results"
 
 
@@ -75,6 +75,13 @@ def cpu_reference_rows(dtypes, quick: bool, smoke: bool, ceilings: dict, notes: 
     def randn(*shape, dtype):
         return torch.randn(*shape, generator=g).to(dtype)
 
+    def paged(dense, bs=16):
+        """dense (B, H, T, D) -> the same positions as pages (B * nb, bs, H, D) and a table (B, nb)."""
+        B, H, T, D = dense.shape
+        nb = -(-T // bs)
+        pages = F.pad(dense, (0, 0, 0, nb * bs - T)).transpose(1, 2).reshape(B * nb, bs, H, D).contiguous()
+        return pages, torch.arange(B * nb, dtype=torch.int32).view(B, nb)
+
     def add(op, shape, dtype, ours, peers, work, unit):
         ours_ms = bench_ms(ours, **timing)
         for peer_name, peer in peers:
@@ -83,16 +90,18 @@ def cpu_reference_rows(dtypes, quick: bool, smoke: bool, ceilings: dict, notes: 
                          **timing_row(op, shape, dtype, ours_ms, peer_name, peer_ms, work, unit, ceilings)})
 
     if smoke:
-        attn_shapes, decode_shapes = [(1, 2, 33, 64)], [(1, 2, 64, 64, 37)]
+        attn_shapes, decode_shapes, write_shapes = [(1, 2, 33, 64)], [(1, 2, 64, 64, 37)], [(8, 2, 64)]
         ln_shapes, mlp_shapes = [(37, 768)], [(9, 64)]
     elif quick:
         attn_shapes = [(1, 12, 128, 64), (1, 12, 512, 64)]
         decode_shapes = [(1, 12, 1024, 64, 256), (8, 12, 1024, 64, 1000)]
+        write_shapes = [(64, 12, 64), (1024, 12, 64)]
         ln_shapes = [(512, 768), (2048, 1600)]
         mlp_shapes = [(64, 768), (512, 768)]
     else:
         attn_shapes = [(1, 12, 128, 64), (1, 12, 512, 64), (4, 12, 1024, 64), (1, 25, 1024, 64)]
         decode_shapes = [(1, 12, 1024, 64, 256), (8, 12, 1024, 64, 1000), (1, 25, 1024, 64, 1024)]
+        write_shapes = [(64, 12, 64), (1024, 12, 64), (4096, 25, 64)]
         ln_shapes = [(512, 768), (2048, 1600), (8192, 1600)]
         mlp_shapes = [(64, 768), (512, 768), (128, 1600)]
     compile_mlp = not (quick or smoke)
@@ -111,6 +120,14 @@ def cpu_reference_rows(dtypes, quick: bool, smoke: bool, ceilings: dict, notes: 
                     lambda: kernels.flash_attention(q, k, v, causal=True),
                     [("torch SDPA", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))],
                     flops, "TFLOP/s")
+                (kp, table), (vp, _) = paged(k), paged(v)
+                qp = q.transpose(1, 2).reshape(B * T, H, D)  # packed, sequence after sequence
+                cu = torch.arange(0, B * T + 1, T, dtype=torch.int32)
+                lens = torch.full((B,), T, dtype=torch.int32)
+                add("paged_prefill_attention", f"B={B} H={H} T={T} D={D} bs16", dtype,
+                    lambda: kernels.paged_prefill_attention(qp, kp, vp, table, cu, lens),
+                    [("flash_attention (dense)", lambda: kernels.flash_attention(q, k, v, causal=True))],
+                    flops, "TFLOP/s")
             for B, H, Tmax, D, L in decode_shapes:
                 _log(f"kernels (CPU reference): decode_attention {B}x{H} len {L}/{Tmax} {dtype}")
                 q = randn(B, H, 1, D, dtype=dtype)
@@ -122,6 +139,24 @@ def cpu_reference_rows(dtypes, quick: bool, smoke: bool, ceilings: dict, notes: 
                     [("torch SDPA, sliced cache",
                       lambda: F.scaled_dot_product_attention(q, kc[:, :, :L], vc[:, :, :L]))],
                     nbytes, "GB/s")
+                (kp, table), (vp, _) = paged(kc), paged(vc)
+                add("paged_decode_attention", f"B={B} H={H} len={L} Tmax={Tmax} D={D} bs16", dtype,
+                    lambda: kernels.paged_decode_attention(q, kp, vp, table, lens),
+                    [("decode_attention (dense cache)", lambda: kernels.decode_attention(q, kc, vc, lens))],
+                    nbytes, "GB/s")
+            for N, H, D in write_shapes:
+                _log(f"kernels (CPU reference): paged_kv_write {N}x{H}x{D} {dtype}")
+                qkv = randn(N, 3, H, D, dtype=dtype)
+                kp, vp = randn(4 * N, 16, H, D, dtype=dtype), randn(4 * N, 16, H, D, dtype=dtype)
+                slots = torch.randperm(64 * N, generator=g)[:N]
+
+                def indexed(qkv=qkv, kp=kp, vp=vp, slots=slots, H=H, D=D):
+                    kp.view(-1, H, D).index_copy_(0, slots, qkv[:, 1])
+                    vp.view(-1, H, D).index_copy_(0, slots, qkv[:, 2])
+
+                add("paged_kv_write", f"N={N} H={H} D={D} fused-qkv views", dtype,
+                    lambda: kernels.paged_kv_write(qkv[:, 1], qkv[:, 2], kp, vp, slots),
+                    [("index_copy_ (no padding)", indexed)], 4 * N * H * D * elt, "GB/s")
             for M, N in ln_shapes:
                 _log(f"kernels (CPU reference): layer_norm {M}x{N} {dtype}")
                 x, r = randn(M, N, dtype=dtype), randn(M, N, dtype=dtype)

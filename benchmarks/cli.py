@@ -18,16 +18,21 @@ import importlib
 import os
 import sys
 
-# name -> (module with run_suite(ctx), help); `fastgpt bench all` runs every suite, in this order
+# name -> (module with run_suite(ctx), help, whether `fastgpt bench all` runs it); `all` keeps this order.
+# A new suite is one line here.
 SUITES = {
-    "kernels": ("benchmarks.bench_kernels", "each fused op against its peers (Triton on CUDA, the CPU path on a CPU)"),
-    "generate": ("benchmarks.bench_generate", "prefill and decode tokens/s against transformers, and the floor"),
+    "kernels": ("benchmarks.bench_kernels", "each fused op against its peers (Triton on CUDA, the CPU path on a CPU)",
+                True),
+    "generate": ("benchmarks.bench_generate", "prefill and decode tokens/s against transformers, and the floor",
+                 True),
+    "parallel": ("benchmarks.bench_parallel", "tensor-parallel decode and data-parallel training, one process per "
+                 "rank (launches jobs of its own: not in all)", False),
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", nargs="?", default="all", choices=[*SUITES, "all"],
-                   help="what to time (default: all): " + "; ".join(f"{k}: {h}" for k, (_, h) in SUITES.items()))
+                   help="what to time (default: all): " + "; ".join(f"{k}: {h}" for k, (_, h, _) in SUITES.items()))
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None,
                    help="comma-separated float32, float16, bfloat16 (default: bfloat16 on CUDA, float32 on CPU); "
@@ -151,7 +156,7 @@ def _run(args, interpreter_was_on: bool) -> int:
     _log(f"{doc['device_name']}: measuring ceilings")
     ctx = SuiteContext(device=device, dtypes=dtypes, quick=bool(args.quick), smoke=bool(args.smoke),
                        model=args.model, ceilings=measure_ceilings(device), doc=doc)
-    names = list(SUITES) if args.suite == "all" else [args.suite]
+    names = [name for name, (_, _, in_all) in SUITES.items() if in_all] if args.suite == "all" else [args.suite]
     rows = run_suites(names, ctx)
     doc.update({
         "settings": {"suite": args.suite, "quick": ctx.quick, "smoke": ctx.smoke,

@@ -10,7 +10,11 @@ In order:
   2. model-level parity: a GPT with random weights on the device in each dtype against the same model in
      float64 on the CPU reference path: whole-sequence logits, and one prefill + decode step;
   3. the quick kernel benchmark table (each suite's run(), bfloat16);
-  4. end-to-end generation (benchmarks/bench_generate.py, quick plan).
+  4. end-to-end generation (benchmarks/bench_generate.py, quick plan);
+  5. transformers' GPT-2 patched by fastgpt vs unpatched: parity, prefill, decode, training step
+     (benchmarks/bench_patch.py);
+  6. with more than one GPU only: tensor-parallel logits against one GPU, TP decode and DP training
+     (benchmarks/bench_parallel.py, quick plan); skipped with a note otherwise.
 One op failing (its check raising, or its suite missing) is reported and the rest still runs.
 Writes results.json, results.md and one PNG per op into the folder; exits 1 if any check failed, 2 on a
 usage error (no CUDA without --device cpu).
@@ -35,10 +39,10 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks import bench_generate, report  # noqa: E402
+from benchmarks import bench_generate, bench_patch, report  # noqa: E402
 from benchmarks.common import measure_ceilings  # noqa: E402
 
-OPS = ("attention", "decode_attention", "layer_norm", "gelu_mlp")
+OPS = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp")
 ALL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Model-level tolerance on the logits (max |error| / max |reference logit|): ten times the per-op
 # tolerance of the dtype, because a few layers chain a dozen rounded ops along the residual stream.
@@ -212,6 +216,14 @@ def _main(argv) -> int:
     if args.no_hf_compile:
         plan.compile_pairs = set()
     section("generate", lambda: bench_generate.run(device, gen_dtype, plan, ceilings, notes, errors))
+    section("patch", lambda: bench_patch.run(device, gen_dtype, quick=True, smoke=args.smoke, notes=notes))
+    if cuda and torch.cuda.device_count() > 1:  # TP parity against one GPU, TP decode and DP training timings
+        from benchmarks import bench_parallel
+
+        section("parallel", lambda: bench_parallel.run(device, gen_dtype, True, args.smoke, notes, errors))
+    else:
+        notes.append(f"parallel: skipped, tensor parallelism needs more than one GPU "
+                     f"(this machine has {torch.cuda.device_count() if cuda else 0})")
 
     failed = [r for r in rows if r["kind"] in ("check", "parity") and not r["ok"]]
     doc.update({"settings": {"script": "gpu_check", "smoke": args.smoke, "hf_compile": not args.no_hf_compile},

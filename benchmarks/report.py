@@ -132,11 +132,23 @@ CPU_DECODE_COLUMNS = [("model", "model", ""), ("dtype", "dtype", ""), ("threads"
                       ("decode speedup", "decode_speedup", "x"), ("floor ms", "floor_ms", ".2f"),
                       ("% of floor", "pct_floor", "%"), ("read floor ms", "read_floor_ms", ".2f"),
                       ("% of read floor", "pct_read_floor", "%")]
+PATCH_COLUMNS = [("model", "model", ""), ("phase", "phase", ""), ("shape", "shape", ""), ("dtype", "dtype", ""),
+                 ("path", "backend", ""), ("patched ms", "patched_ms", ".3f"), ("HF ms", "hf_ms", ".3f"),
+                 ("speedup", "speedup", "x"), ("goal", "goal", "x"), ("patched tok/s", "patched_tok_s", ".0f"),
+                 ("HF tok/s", "hf_tok_s", ".0f")]
+TP_DECODE_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("context", "context", "d"),
+                     ("dtype", "dtype", ""), ("TP", "tp", "d"), ("decode ms/step", "decode_ms", ".3f"),
+                     ("tok/s", "tok_s", ".1f"), ("vs TP=1", "vs_one", "x"),
+                     ("collectives ms/step", "comm_ms", ".3f"), ("% of step", "comm_pct", "%")]
+DP_TRAIN_COLUMNS = [("model", "model", ""), ("mode", "mode", ""), ("ranks", "ranks", "d"),
+                    ("batch/rank", "batch_per_rank", "d"), ("block", "block", "d"), ("ms/step", "step_ms", ".1f"),
+                    ("tok/s", "tok_s", ".0f"), ("vs 1 process", "vs_one", "x")]
 CHECK_COLUMNS = [("op", "op", ""), ("case", "case", ""), ("dtype", "dtype", ""), ("max err", "max_err", ".2e"),
                  ("tol", "tol", ".1e"), ("ok", "ok", "")]
 
 
-KNOWN_KINDS = ("check", "parity", "kernel", "generate", "decode_position", "cpu_decode")
+KNOWN_KINDS = ("check", "parity", "kernel", "generate", "patch", "decode_position", "cpu_decode", "tp_decode",
+               "dp_train")
 
 
 def generic_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -192,6 +204,10 @@ def render(doc: dict, markdown: bool = False) -> str:
         out.append(h("Generation: tokens/s against transformers on the same weights; decode against the "
                      "weight-streaming floor"))
         out.append(format_table(gen, GENERATE_COLUMNS, markdown))
+    patch = rows_of(rows, "patch")
+    if patch:
+        out.append(h("transformers GPT-2 patched by fastgpt vs unpatched (SDPA), same weights"))
+        out.append(format_table(patch, PATCH_COLUMNS, markdown))
     pos = rows_of(rows, "decode_position")
     if pos:
         out.append(h("Decode cost per token by context length (should stay flat)"))
@@ -201,6 +217,14 @@ def render(doc: dict, markdown: bool = False) -> str:
         out.append(h("CPU batch-1 decode: fastgpt against transformers (medians of interleaved pairs) and the "
                      "weight-streaming floors"))
         out.append(format_table(cpu, CPU_DECODE_COLUMNS, markdown))
+    tp = rows_of(rows, "tp_decode")
+    if tp:
+        out.append(h("Tensor-parallel decode: one step, and its collectives timed alone"))
+        out.append(format_table(tp, TP_DECODE_COLUMNS, markdown))
+    dp = rows_of(rows, "dp_train")
+    if dp:
+        out.append(h("Data-parallel training: tokens/s over all ranks"))
+        out.append(format_table(dp, DP_TRAIN_COLUMNS, markdown))
     for kind in dict.fromkeys(r.get("kind") for r in rows):
         if kind not in KNOWN_KINDS:  # a new suite's rows: every field, until it earns columns of its own
             out.append(h(str(kind)))

@@ -4,8 +4,20 @@ from fastgpt.config import GPTConfig
 from fastgpt.model import GPT
 from fastgpt.tokenizer import Tokenizer
 
-__all__ = ["GPT", "GPTConfig", "Tokenizer", "default_model_dir"]
+__all__ = ["GPT", "GPTConfig", "Tokenizer", "default_model_dir", "patch_transformers", "unpatch_transformers"]
 __version__ = "0.1.0"
+
+# The drop-in for transformers' GPT-2 (fastgpt.integrations.transformers), loaded on first use so that
+# importing fastgpt never imports transformers.
+_LAZY = {"patch_transformers", "unpatch_transformers"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from fastgpt.integrations import transformers as integration
+
+        return getattr(integration, name)
+    raise AttributeError(f"module 'fastgpt' has no attribute {name!r}")
 
 
 def default_model_dir() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import os
 import sys
 import time
@@ -75,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--tp", type=positive_int, default=1,
+                   help="tensor-parallel size: shard the model by heads across this many processes, started "
+                        "with torchrun --nproc-per-node N (rank 0 prints)")
 
 
 def run(args) -> int:
@@ -85,7 +89,13 @@ def run(args) -> int:
     from fastgpt.load import resolve_model_dir
 
     validate_sampling(args.temperature, args.top_k, args.top_p)
-    device = resolve_device(args.device)
+    from fastgpt import parallel
+
+    world = parallel.World.from_env()
+    if args.tp > 1 or world.size > 1:
+        world, device = parallel.launch_tensor_parallel(args.tp, args.device)
+    else:
+        device = resolve_device(args.device)
     if args.model is None:
         model_dir = default_model_dir()
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -93,7 +103,10 @@ def run(args) -> int:
     else:
         model_dir = resolve_model_dir(args.model)
     tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = GPT.from_pretrained(model_dir, device=device, dtype=args.dtype)
+    if args.tp > 1:
+        model = parallel.load_tensor_parallel(model_dir, device=device, dtype=args.dtype)
+    else:
+        model = GPT.from_pretrained(model_dir, device=device, dtype=args.dtype)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt encodes to no tokens")
@@ -103,7 +116,7 @@ def run(args) -> int:
     if max_new < 1:
         raise ValueError(f"prompt of {len(ids)} tokens fills the context length {model.config.n_positions}")
 
-    out = sys.stdout
+    out = sys.stdout if world.is_main else io.StringIO()  # every rank generates the same text; rank 0 prints
     out.write(args.prompt)
     out.flush()
     new_ids: list[int] = []
@@ -130,8 +143,11 @@ def run(args) -> int:
     n = len(new_ids)
     decode_s = t_end - (t_first or t_end)
     rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
-    print(f"[{n} tokens in {t_end - t0:.2f} s; prefill {len(ids)} tokens {1e3 * ((t_first or t_end) - t0):.0f} ms; "
-          f"decode {rate:.1f} tokens/s; {device}, {model.dtype}]".replace("torch.", ""), file=sys.stderr)
+    tp = f" x {args.tp} ranks (tensor parallel)" if args.tp > 1 else ""
+    if world.is_main:
+        print(f"[{n} tokens in {t_end - t0:.2f} s; prefill {len(ids)} tokens {1e3 * ((t_first or t_end) - t0):.0f} ms; "
+              f"decode {rate:.1f} tokens/s; {device}{tp}, {model.dtype}]".replace("torch.", ""), file=sys.stderr)
+    parallel.destroy_process_group()
     return 0
 
 

@@ -85,13 +85,21 @@ def _read_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def hf_name(key: str) -> str | None:
+    """GPT's parameter name for an HF GPT-2 tensor name; None for the tensors fastgpt does not load
+    (causal-mask buffers, and lm_head.weight: the head is tied to wte)."""
+    if key.endswith(_SKIPPED_SUFFIXES) or key == "lm_head.weight":
+        return None
+    return key if key.startswith("transformer.") else "transformer." + key
+
+
 def hf_to_fastgpt(state: dict[str, torch.Tensor]) -> dict:
     """Map HF GPT-2 tensor names/layouts onto GPT's parameters; every key and shape is checked."""
     out = {}
     for key, t in state.items():
-        if key.endswith(_SKIPPED_SUFFIXES) or key == "lm_head.weight":
-            continue  # causal-mask buffers; the head is tied to wte
-        name = key if key.startswith("transformer.") else "transformer." + key
+        name = hf_name(key)
+        if name is None:
+            continue
         if name.endswith(CONV1D_WEIGHTS) and t.dim() == 2:
             t = t.t()
         out[name] = t

@@ -44,6 +44,13 @@ class Linear(nn.Linear):
         return kernels.linear(x, self.weight, self.bias)
 
 
+class TiedEmbedding(nn.Embedding):
+    """The token embedding, whose table is also the output layer (GPT-2 ties them)."""
+
+    def logits(self, x):
+        return kernels.linear(x, self.weight)  # (..., V)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -67,7 +74,8 @@ class CausalSelfAttention(nn.Module):
         else:  # decode: one query per row against the cache
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
             o = kernels.decode_attention(q, k_all, v_all, cache_seqlens)
-        return self.c_proj(o.transpose(1, 2).reshape(B, T, C))
+        # nh * hs, not C: under tensor parallelism a rank holds only its own heads (fastgpt.parallel)
+        return self.c_proj(o.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -100,7 +108,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=TiedEmbedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.n_positions, config.n_embd),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
@@ -142,7 +150,7 @@ class GPT(nn.Module):
                 and cache.k_cache.dtype == self.dtype and cache.k_cache.device == self.device):
             return
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(max_batch, self.config.n_head, max_len, self.config.head_dim,
+            block.attn.kv_cache = KVCache(max_batch, block.attn.n_head, max_len, self.config.head_dim,
                                           dtype=self.dtype, device=self.device)
 
     def clear_caches(self) -> None:
@@ -188,7 +196,7 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.transformer.ln_f(x)
-        return kernels.linear(x, self.transformer.wte.weight)  # tied head, (B, T, V)
+        return self.transformer.wte.logits(x)  # tied head, (B, T, V)
 
     # ------------------------------------------------------------------------------------- generation
     def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -14,6 +14,12 @@ killed run exactly where its last checkpoint left it. A checkpoint is written in
 and renamed into place, and an old one is renamed away before it is deleted, so a kill at any moment
 leaves only complete checkpoints under a checkpoint's name.
 
+Under ``torchrun`` (WORLD_SIZE > 1) the same loop runs data-parallel, DDP or FSDP2 (--fsdp); the
+distributed pieces live in ``fastgpt.parallel``. --batch-size is per rank and micro-step: each step's
+batch x grad-accum x world windows are drawn as one global batch and split, so N ranks with grad-accum A
+train as one process with grad-accum N x A. Rank 0 logs, tokenises and writes the checkpoints (FSDP:
+every rank writes its optimizer shard with torch.distributed.checkpoint); a resume needs the same world size.
+
 Gradients: the Triton kernels are forward-only for now. ``kernels`` sends every call that autograd must
 see to the reference PyTorch ops, so training runs those on every device (on CUDA, under bf16 autocast);
 validation, which needs no gradients, runs the kernels on a GPU.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
@@ -37,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import data as datalib
+from fastgpt import parallel
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d{6,})$")  # complete checkpoints only; temporaries are hidden
 STATE_FILE = "training_state.pt"
@@ -84,6 +92,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     save_dtype: str = "float32"  # dtype of the final model in out_dir (checkpoints stay fp32)
+    fsdp: bool = False  # under torchrun: FSDP2 fully_shard instead of DDP
 
     def validate(self) -> None:
         if not self.out_dir:
@@ -168,17 +177,21 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def evaluate(model, tokens, mask, batch_size: int, block_size: int, iters: int, seed: int,
-             device: torch.device, amp_dtype: torch.dtype | None = None) -> float:
-    """Mean loss per target token over `iters` fixed batches (the same ones at every call: comparable)."""
+             device: torch.device, amp_dtype: torch.dtype | None = None, world=None) -> float:
+    """Mean loss per target token over `iters` fixed batches (the same ones at every call: comparable).
+    With a world of several ranks each evaluates its share of the batches and the sums are reduced."""
+    world = world or parallel.World()
     generator = torch.Generator().manual_seed(seed)
+    batches = [datalib.sample_batch(tokens, mask, batch_size, block_size, generator) for _ in range(iters)]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for _ in range(iters):
-        x, y = datalib.sample_batch(tokens, mask, batch_size, block_size, generator)
+    for index, weight in parallel.eval_share(world, iters):
+        x, y = batches[index]
         with _autocast(device, amp_dtype):
             loss, n = loss_sum_and_count(model, x.to(device), y.to(device))
-        total, count = total + float(loss), count + n
+        total, count = total + weight * float(loss), count + weight * n
+    total, count = parallel.sum_across(world, total, count)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -263,14 +276,25 @@ def _clean_stale_temporaries(out_dir: str) -> None:
 
 
 def save_checkpoint(out_dir: str, step: int, model, tokenizer, state: dict, keep: int) -> str:
+    return publish_checkpoint(new_checkpoint_dir(out_dir, step), out_dir, step, model, tokenizer, state, keep)
+
+
+def new_checkpoint_dir(out_dir: str, step: int) -> str:
+    """The hidden temporary dir a checkpoint is written into (other ranks may add files to it)."""
     root = checkpoint_dir(out_dir)
     os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"step-{step:06d}")
     tmp = tempfile.mkdtemp(dir=root, prefix=f".step-{step:06d}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from other users
+    return tmp
+
+
+def publish_checkpoint(tmp: str, out_dir: str, step: int, model, tokenizer, state: dict, keep: int) -> str:
+    """Write the weights and the training state into tmp, then rename it into place and prune."""
+    root = checkpoint_dir(out_dir)
+    final = os.path.join(root, f"step-{step:06d}")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from other users
         model.save_pretrained(tmp, tokenizer=tokenizer)
         state_path = os.path.join(tmp, STATE_FILE)
         torch.save(state, state_path)
@@ -386,12 +410,6 @@ def build_tokenizer(config: TrainConfig, train_docs, log):
     return tokenizer
 
 
-def _resolve_device(name: str) -> torch.device:
-    from fastgpt.cli import resolve_device
-
-    return resolve_device(name)
-
-
 # ------------------------------------------------------------------------------------------ training
 def train(config: TrainConfig, resume: bool = False, stream=None) -> TrainResult:
     """Run (or, with resume=True and a checkpoint in config.out_dir, continue) a training run.
@@ -407,7 +425,8 @@ def train(config: TrainConfig, resume: bool = False, stream=None) -> TrainResult
 
 
 def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
-    progress = Progress(stream or sys.stderr)
+    world = parallel.World.from_env()  # torchrun's ranks; read before any collective, validated against below
+    progress = Progress((stream or sys.stderr) if world.is_main else io.StringIO())  # one progress line: rank 0's
     log = progress.log
     out_dir = config.out_dir
     ckpt = latest_checkpoint(out_dir) if resume else None
@@ -422,21 +441,39 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
     if ckpt is None and list_checkpoints(out_dir):
         raise FileExistsError(f"{out_dir} already holds checkpoints of a run: pass --resume to continue it, "
                               "or choose another --out")
-    _clean_stale_temporaries(out_dir)
-
-    device = _resolve_device(config.device)
+    if state is not None and state.get("world_size", 1) != world.size:
+        n = state.get("world_size", 1)
+        raise ValueError(f"{ckpt} was written by a run of {n} process(es) and this one has {world.size}: the data "
+                         f"split and the optimizer state follow the world size, so resume with {n} "
+                         f"(torchrun --nproc-per-node {n} ...{' or no torchrun' if n == 1 else ''})")
+    # every check above ran on every rank alike; only now do the ranks meet
+    device = parallel.rank_device(world, config.device)
+    created_group = parallel.init_process_group(world, device)
+    if world.is_main:
+        _clean_stale_temporaries(out_dir)
     if config.threads and device.type == "cpu":
         torch.set_num_threads(config.threads)
     min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
 
     from fastgpt import GPT, Tokenizer
 
+    # rank 0 reads, tokenises and writes the data; the others open what it wrote (parallel.on_main raises
+    # its errors on every rank)
+    def write_data(documents) -> None:
+        prepare_data(config, documents, tokenizer, block_size, log)
+
     if state is None:
-        docs = gather_documents(config)
-        tokenizer = build_tokenizer(config, datalib.split_documents(docs, config.val_fraction)[0], log)
+        docs = []
+
+        def make_tokenizer():
+            docs.extend(gather_documents(config))
+            return build_tokenizer(config, datalib.split_documents(docs, config.val_fraction)[0], log)
+
+        tokenizer = parallel.on_main(world, make_tokenizer)
         model = build_model(config, tokenizer, device)
         block_size = config.block_size or min(model.config.n_positions, 256)
-        data = prepare_data(config, docs, tokenizer, block_size, log)
+        parallel.on_main(world, lambda: write_data(docs))
+        data = open_data(out_dir, tokenizer.vocab_size)
         step = 0
     else:
         tokenizer = Tokenizer.from_pretrained(ckpt)
@@ -444,26 +481,37 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
         block_size = state["block_size"]
         try:
             data = open_data(out_dir, tokenizer.vocab_size)
-            if (len(data["train"]), 0 if data["val"] is None else len(data["val"])) != tuple(state["data_tokens"]):
-                raise ValueError("tokenised data does not match the checkpoint")
-        except (OSError, ValueError):  # the data dir was removed or replaced: tokenise again, same result
-            data = prepare_data(config, gather_documents(config), tokenizer, block_size, log)
+            lengths = (len(data["train"]), 0 if data["val"] is None else len(data["val"]))
+            matches = lengths == tuple(state["data_tokens"])
+        except (OSError, ValueError):
+            matches = False
+        if not parallel.all_true(world, matches):  # the data dir was removed or replaced: tokenise again, same result
+            parallel.on_main(world, lambda: write_data(gather_documents(config)))
+            data = open_data(out_dir, tokenizer.vocab_size)
         step = state["step"]
         log(f"resumed from {ckpt} at step {step}")
     if block_size > model.config.n_positions:
         raise ValueError(f"block_size {block_size} exceeds the model's context length {model.config.n_positions}")
 
+    if world.size > 1 and state is None:  # dropout draws differ across ranks, as across one process's micro-steps
+        torch.manual_seed(config.seed + 1_000_003 * world.rank)
+    sharded = config.fsdp and world.size > 1  # the optimizer state lives in shards, saved by every rank
+    train_model = parallel.wrap_for_training(model, world, device, fsdp=config.fsdp)  # DDP / FSDP2 / model
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
                                   betas=(config.beta1, config.beta2), eps=1e-8)
     sampler = torch.Generator().manual_seed(config.seed)  # the data position: which windows come next
     tokens_seen = 0
     evals: list[dict] = []
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            parallel.load_sharded_optimizer(model, optimizer, os.path.join(ckpt, "optimizer"))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         sampler.set_state(state["sampler_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        rng = state["rank_rng"][world.rank] if state.get("rank_rng") else state
+        torch.set_rng_state(rng["torch_rng"])
+        if device.type == "cuda" and rng.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(rng["cuda_rng"], device)
         tokens_seen = state["tokens_seen"]
         evals = list(state["evals"])
 
@@ -472,15 +520,17 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
     precision = "bf16 autocast" if amp_dtype is not None else "fp32"
     log(f"model: {n_params / 1e6:.2f}M parameters, {model.config.n_layer} layers, {model.config.n_head} heads, "
         f"width {model.config.n_embd}, context {model.config.n_positions}, vocab {model.config.vocab_size}")
-    log(f"training on {device} in {precision}; training and validation run the reference PyTorch ops "
+    ranks = f" x {world.size} ranks ({'FSDP2' if config.fsdp else 'DDP'})" if world.size > 1 else ""
+    log(f"training on {device}{ranks} in {precision}; training and validation run the reference PyTorch ops "
         f"(the Triton kernels are forward-only and leave autocast to PyTorch)")
-    tokens_per_step = config.batch_size * config.grad_accum * block_size
+    tokens_per_step = config.batch_size * config.grad_accum * world.size * block_size
     log(f"{config.max_steps} steps of {tokens_per_step:,} tokens (batch {config.batch_size} x accum "
-        f"{config.grad_accum} x block {block_size}), lr {config.lr:g} -> {min_lr:g}, warm-up {config.warmup_steps}")
+        f"{config.grad_accum}{f' x {world.size} ranks' if world.size > 1 else ''} x block {block_size}), "
+        f"lr {config.lr:g} -> {min_lr:g}, warm-up {config.warmup_steps}")
 
     def run_eval():
         kw = dict(batch_size=config.batch_size, block_size=block_size, iters=config.eval_iters,
-                  seed=EVAL_SEED, device=device, amp_dtype=amp_dtype)
+                  seed=EVAL_SEED, device=device, amp_dtype=amp_dtype, world=world)
         record = {"step": step,
                   "train_loss": evaluate(model, data["train"], data["train_mask"], **kw)}
         if data["val"] is not None:
@@ -492,14 +542,21 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
         log(f"step {step}: train loss {record['train_loss']:.4f}{val}")
 
     def checkpoint():
+        rng = {"torch_rng": torch.get_rng_state(),
+               "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        rank_rng = parallel.gather_objects(world, rng)
         run_state = {
-            "step": step, "optimizer": optimizer.state_dict(), "sampler_rng": sampler.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "step": step, "optimizer": None if sharded else optimizer.state_dict(), "sampler_rng": sampler.get_state(),
+            **rng, "rank_rng": rank_rng if world.size > 1 else None, "world_size": world.size,
             "tokens_seen": tokens_seen, "block_size": block_size, "config": asdict(config), "evals": evals,
             "data_tokens": [len(data["train"]), 0 if data["val"] is None else len(data["val"])],
         }
-        path = save_checkpoint(out_dir, step, model, tokenizer, run_state, config.keep_checkpoints)
+        weights = parallel.full_model(model, world, config.fsdp)  # FSDP: gathered onto rank 0
+        tmp = parallel.on_main(world, lambda: new_checkpoint_dir(out_dir, step))
+        if sharded:
+            parallel.save_sharded_optimizer(model, optimizer, os.path.join(tmp, "optimizer"))
+        path = parallel.on_main(world, lambda: publish_checkpoint(tmp, out_dir, step, weights, tokenizer, run_state,
+                                                                  config.keep_checkpoints))
         log(f"saved checkpoint {path} (step {step})")
 
     resumed_from = step if state is not None else None
@@ -514,14 +571,18 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss = 0.0
-        for _ in range(config.grad_accum):
-            x, y = datalib.sample_batch(data["train"], data["train_mask"], config.batch_size, block_size, sampler)
+        # the step's windows, all ranks' and micro-steps', drawn at once; this rank takes its share
+        batch = datalib.sample_batch(data["train"], data["train_mask"],
+                                     config.batch_size * config.grad_accum * world.size, block_size, sampler)
+        for micro, (x, y) in enumerate(parallel.local_micro_batches(*batch, world, config.grad_accum)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device, amp_dtype):
-                loss_sum, count = loss_sum_and_count(model, x, y)
-            loss = loss_sum / max(count, 1)
-            (loss / config.grad_accum).backward()
+            with parallel.gradient_sync(train_model, enabled=micro == config.grad_accum - 1):
+                with _autocast(device, amp_dtype):
+                    loss_sum, count = loss_sum_and_count(train_model, x, y)
+                loss = loss_sum / max(count, 1)
+                (loss / config.grad_accum).backward()
             step_loss += float(loss.detach()) / config.grad_accum
+        step_loss = parallel.sum_across(world, step_loss)[0] / world.size  # every rank logs and checks the mean
         if not math.isfinite(step_loss):
             raise ValueError(f"step {step}: the loss is {step_loss}; try a lower --lr")
         if config.grad_clip > 0:
@@ -548,13 +609,20 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
     from fastgpt.load import atomic_write_text, parse_dtype
 
     save_dtype = parse_dtype(config.save_dtype)
-    final = model if save_dtype == torch.float32 else copy.deepcopy(model).to(save_dtype)
-    final.save_pretrained(out_dir, tokenizer=tokenizer)
+    weights = parallel.full_model(model, world, config.fsdp)
     report = {"config": asdict(config), "step": step, "seconds_this_call": round(seconds, 1),
               "resumed_from": resumed_from, "tokens_seen": tokens_seen, "n_params": n_params,
-              "vocab_size": tokenizer.vocab_size, "block_size": block_size, "evals": evals}
-    atomic_write_text(os.path.join(out_dir, "training.json"), json.dumps(report, indent=2) + "\n")
+              "vocab_size": tokenizer.vocab_size, "block_size": block_size, "evals": evals, "world_size": world.size}
+
+    def write_final():
+        final = weights if save_dtype == torch.float32 else copy.deepcopy(weights).to(save_dtype)
+        final.save_pretrained(out_dir, tokenizer=tokenizer)
+        atomic_write_text(os.path.join(out_dir, "training.json"), json.dumps(report, indent=2) + "\n")
+
+    parallel.on_main(world, write_final)
     log(f"done: step {step}, {seconds:.0f} s; model in {out_dir}")
+    if created_group:
+        parallel.destroy_process_group()
     return TrainResult(out_dir=out_dir, step=step, losses=losses, evals=evals, resumed_from=resumed_from,
                        seconds=seconds, tokens=tokens_seen)
 
@@ -607,6 +675,8 @@ def add_arguments(p) -> None:
     b.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     b.add_argument("--save-dtype", default=d.save_dtype, choices=["float32", "float16", "bfloat16"],
                    help="dtype of the final model written to --out")
+    b.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (default: DDP)")
 
 
 def config_from_args(args) -> TrainConfig:

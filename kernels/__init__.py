@@ -30,6 +30,7 @@ from kernels import attention as _attention
 from kernels import decode_attention as _decode_attention
 from kernels import gelu_mlp as _gelu_mlp
 from kernels import layer_norm as _layer_norm
+from kernels import paged_attention as _paged_attention
 from kernels import reference
 
 __all__ = ["flash_attention", "decode_attention", "paged_decode_attention", "paged_prefill_attention",
@@ -275,6 +276,10 @@ def paged_decode_attention(q, k_pages, v_pages, block_table, cache_seqlens, soft
     _check_same("cache_seqlens", cache_seqlens, "q", q, dtype=False)
     _check_shape("cache_seqlens", cache_seqlens, (B,))
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    if _dispatch_to_triton(q, k_pages, v_pages):
+        with _launch_device(q):
+            return _paged_attention.paged_decode_attention_fwd(q, k_pages, v_pages, block_table, cache_seqlens,
+                                                               softmax_scale=scale)
     return reference.paged_decode_attention(q, k_pages, v_pages, block_table, cache_seqlens, softmax_scale=scale)
 
 
@@ -301,6 +306,10 @@ def paged_prefill_attention(q, k_pages, v_pages, block_table, cu_seqlens_q, cach
     if q.shape[0] == 0:
         raise ValueError("q holds no queries (total_q = 0)")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if _dispatch_to_triton(q, k_pages, v_pages):
+        with _launch_device(q):
+            return _paged_attention.paged_prefill_attention_fwd(q, k_pages, v_pages, block_table, cu_seqlens_q,
+                                                                cache_seqlens, softmax_scale=scale)
     return reference.paged_prefill_attention(q, k_pages, v_pages, block_table, cu_seqlens_q, cache_seqlens,
                                              softmax_scale=scale)
 
@@ -326,4 +335,7 @@ def paged_kv_write(k, v, k_pages, v_pages, slot_mapping) -> None:
     _check_tensor("slot_mapping", slot_mapping, 1, dtypes=(torch.int32, torch.int64))
     _check_same("slot_mapping", slot_mapping, "k", k, dtype=False)
     _check_shape("slot_mapping", slot_mapping, (N,))
+    if _dispatch_to_triton(k, v, k_pages, v_pages):
+        with _launch_device(k):
+            return _paged_attention.paged_kv_write_fwd(k, v, k_pages, v_pages, slot_mapping)
     reference.paged_kv_write(k, v, k_pages, v_pages, slot_mapping)

@@ -20,6 +20,7 @@ from fastgpt.config import GPTConfig
 from fastgpt.model import GPT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PAGED_OPS = {"paged_decode_attention", "paged_prefill_attention", "paged_kv_write"}
 TIMING_FIELDS = {"op", "shape", "dtype", "ours_ms", "peer", "peer_ms", "speedup", "achieved", "unit", "pct_ceiling"}
 
 
@@ -53,7 +54,8 @@ def test_bench_smoke_run_writes_json_and_plots(tmp_path, capsys):
     _assert_environment_fields(doc)
     assert "matmul_tflops" not in doc["ceilings"]  # CPU: copy bandwidth only
     kernel_rows = [r for r in doc["rows"] if r["kind"] == "kernel"]
-    assert {r["op"] for r in kernel_rows} == set(bench_kernels.KERNEL_OPS)
+    # one row op per public op: the paged_attention suite times three
+    assert {r["op"] for r in kernel_rows} == set(bench_kernels.KERNEL_OPS) - {"paged_attention"} | PAGED_OPS
     for r in kernel_rows:
         assert TIMING_FIELDS <= set(r)
         assert r["backend"] == "cpu-reference"
@@ -76,6 +78,7 @@ def test_bench_smoke_run_writes_json_and_plots(tmp_path, capsys):
 
     pngs = sorted(os.listdir(plot_dir))
     assert pngs == sorted(["attention.png", "decode-attention.png", "layer-norm.png", "gelu-mlp.png", "generate.png",
+                           "paged-decode-attention.png", "paged-prefill-attention.png", "paged-kv-write.png",
                            "cpu-decode.png"])
     for name in pngs:
         _assert_png(plot_dir / name)
@@ -91,8 +94,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     doc = json.loads((tmp_path / "results.json").read_text())
     _assert_environment_fields(doc)
     parity = [r for r in doc["rows"] if r["kind"] == "parity"]
-    assert len(parity) == 1 and parity[0]["ok"] and parity[0]["max_err"] < parity[0]["tol"]
-    assert {"kernel", "generate", "decode_position"} <= {r["kind"] for r in doc["rows"]}
+    assert len(parity) == 2 and all(r["ok"] and r["max_err"] < r["tol"] for r in parity)  # fastgpt's GPT, patched HF
+    assert {"kernel", "generate", "decode_position", "patch"} <= {r["kind"] for r in doc["rows"]}
     assert "Model-level parity" in (tmp_path / "results.md").read_text()
     _assert_png(tmp_path / "generate.png")
     assert "all checks passed" in out
@@ -151,14 +154,15 @@ def test_bench_kernel_suites_missing_or_failing_are_reported(monkeypatch):
     monkeypatch.setitem(sys.modules, "benchmarks.bench_decode_attention", None)
     monkeypatch.setitem(sys.modules, "benchmarks.bench_layer_norm", _fake_suite("l", run=failing_run))
     monkeypatch.setitem(sys.modules, "benchmarks.bench_gelu_mlp", None)
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_paged_attention", None)
     notes, errors = [], []
     ceilings = {"copy_gbs": 1000.0, "matmul_tflops": 500.0}
     rows = bench_kernels.run_kernel_suites("cuda", [torch.bfloat16], True, ceilings, notes, errors)
 
     assert len(rows) == 1 and rows[0]["kind"] == "kernel" and rows[0]["backend"] == "triton"
     assert rows[0]["speedup"] == pytest.approx(2.0) and rows[0]["pct_ceiling"] == pytest.approx(100 * 2 / 500)
-    assert sum("not available" in n for n in notes) == 2
-    assert any("decode_attention" in n for n in notes) and any("gelu_mlp" in n for n in notes)
+    assert sum("not available" in n for n in notes) == 3
+    assert all(any(op in n for n in notes) for op in ("decode_attention", "gelu_mlp", "paged_attention"))
     assert errors == ["layer_norm: FAILED: ValueError: out of shared memory"]
 
 
@@ -249,7 +253,7 @@ def test_a_new_suite_is_one_registration(monkeypatch, capsys):
         return [{"kind": "fake_rows", "case": "a", "tok_s": 12.5}, {"kind": "fake_rows", "case": "b", "tok_s": 7.25}]
 
     monkeypatch.setitem(sys.modules, "fake_suite_module", _fake_suite("fake_suite_module", run_suite=run_suite))
-    monkeypatch.setitem(bench_cli.SUITES, "fake", ("fake_suite_module", "a suite of the test"))
+    monkeypatch.setitem(bench_cli.SUITES, "fake", ("fake_suite_module", "a suite of the test", True))
     rc = main(["bench", "fake", "--smoke", "--device", "cpu", "--dtype", "float32,float16"])
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -267,14 +271,17 @@ def test_a_failing_or_missing_suite_is_reported_and_the_others_run(monkeypatch, 
     monkeypatch.setitem(sys.modules, "boom_suite", _fake_suite("boom_suite", run_suite=boom))
     monkeypatch.setitem(sys.modules, "ok_suite", _fake_suite("ok_suite", run_suite=lambda ctx: [{"kind": "ok", "v": 1}]))
     monkeypatch.setitem(sys.modules, "gone_suite", None)
-    monkeypatch.setattr(bench_cli, "SUITES", {"boom": ("boom_suite", ""), "gone": ("gone_suite", ""),
-                                              "ok": ("ok_suite", "")})
+    monkeypatch.setitem(sys.modules, "own_jobs_suite",
+                        _fake_suite("own_jobs_suite", run_suite=lambda ctx: [{"kind": "own_jobs", "v": 2}]))
+    monkeypatch.setattr(bench_cli, "SUITES", {"boom": ("boom_suite", "", True), "gone": ("gone_suite", "", True),
+                                              "ok": ("ok_suite", "", True), "own": ("own_jobs_suite", "", False)})
     rc = main(["bench", "all", "--smoke", "--device", "cpu"])
     out, err = capsys.readouterr()
     assert rc == 1  # a failed suite fails the run
     assert "suite boom: FAILED: RuntimeError: out of memory" in out and "second line" not in out
     assert "suite gone: not available" in out
     assert "== ok ==" in out
+    assert "own_jobs" not in out  # registered outside `all`: runs only when named
 
 
 def test_plots_draw_bars_for_one_point_per_series_and_lines_otherwise():
