@@ -1,6 +1,6 @@
 """``fastgpt bench [SUITE|all]``: how fast the fused ops and generation are, here and now.
 
-    fastgpt bench --quick                          # every suite, small sizes; a table on stdout
+    fastgpt bench --quick                          # the suites of `all`, small sizes; a table on stdout
     fastgpt bench kernels --dtype bfloat16,float16 --json results.json --plot plots/
 
 The subcommand lives here, beside the suites it runs, so that the dependency points one way: benchmarks
