@@ -6,19 +6,27 @@ product comes to the memory bandwidth. This script measures, for each weight sha
 (out, in) notation: c_attn 2304x768, attn c_proj 768x768, c_fc 3072x768, mlp c_proj 768x3072, the tied
 head 50257x768), the read rate of each way PyTorch offers to compute x @ W.T (+ b):
 
-  * F.linear and torch.mv on the weight stored (out, in), nn.Linear's layout;
-  * the same on the weight stored (in, out), passed as a transposed view (what GPT.use_cpu_decode_layout
-    keeps for some weights);
+  * F.linear and torch.addmv on the weight stored (out, in), nn.Linear's layout, and stored (in, out),
+    passed as a transposed view;
   * oneDNN's prepacked weights (torch.ops.mkldnn._reorder_linear_weight + _linear_pointwise), and MKL's
     packed GEMM (torch.ops.mkl._mkl_reorder_linear_weight + _mkl_linear), where this torch build has them
-    (looked up at run time; a candidate this build lacks is reported as such).
+    (looked up at run time; a candidate this build lacks is reported as such);
+  * the product split across the intra-op threads (MKL runs each one-row product above on one thread,
+    whatever the thread count): F.embedding_bag with a bag per thread (its weighted row sums are the same
+    product), torch.bmm over blocks of the output rows of an (out, in) weight, and over slices of the
+    input features of an (in, out) weight (split-K, the partial sums added after);
+  * kernels.linear itself in both storage orders, which picks among these (on more than one thread
+    split-K for (in, out), split rows for (out, in); else F.linear). GPT.use_cpu_decode_layout keeps
+    mlp.c_proj (out, in) and the other four (in, out).
 
 Each product rotates through enough copies of its weight (>= 3x the last-level cache) that every call reads
-from DRAM, as inside a decode step; each candidate's output is checked against float64 first. Rates are
-medians of interleaved rounds, at 1 thread and at 2 (torch.set_num_threads), each round also measuring the
-copy bandwidth (bytes read + written, benchmarks.common's convention) and the read-only bandwidth (a sum),
-so every rate is also shown as a fraction of what this machine streams in the same moment. On a shared
-machine the absolute numbers move with the load; the load average is printed with them.
+from DRAM, as inside a decode step; each candidate's output is checked against float64 first. Every call is
+timed: the rate reported is the median over interleaved rounds of each round's median call, at 1 thread and
+at 2 (torch.set_num_threads), each round also measuring the copy bandwidth (bytes read + written,
+benchmarks.common's convention) and the read-only bandwidth (a sum), so every rate is also shown as a
+fraction of what this machine streams in the same moment. The best single call is shown beside it: on a
+machine shared with other work, where the medians move with the load (the load average is printed with
+them), the fastest call is one that ran with the cores to itself.
 
     python -m benchmarks.bench_cpu_matvec [--rounds 7] [--threads 1,2] [--json out.json]
 """
@@ -94,9 +102,12 @@ def candidates() -> dict:
         parts = w.view(s, w.shape[0] // s, w.shape[1])  # (S, out / S, in)
         return lambda x: torch.bmm(parts, x.t().expand(s, -1, 1)).view(1, -1) + b
 
-    def ours(w, b):
+    def ours_in_major(w, b):
         wt = w.t().contiguous()
         return lambda x: kernels.linear(x, wt.t(), b)
+
+    def ours_out_major(w, b):
+        return lambda x: kernels.linear(x, w, b)
 
     return {
         "F.linear (out,in)": linear_out_major,
@@ -108,7 +119,8 @@ def candidates() -> dict:
         "embedding_bag/thread": bags,
         "bmm rows (out,in)": bmm_split_rows,
         "bmm split-K (in,out)": bmm_split_k,
-        "kernels.linear": ours,
+        "kernels.linear (in,out)": ours_in_major,
+        "kernels.linear (out,in)": ours_out_major,
     }
 
 

@@ -57,52 +57,68 @@ def linear(x, weight, bias=None) -> torch.Tensor:
     A few rows on a CPU (decode steps: one row per sequence) make a product whose time is the time to read
     the weight once. F.linear hands it to MKL, which runs a one-row product on a single thread whatever
     torch.set_num_threads says (seen in per-thread CPU time, torch 2.13 on a 2-core AMD EPYC), so the other
-    cores' memory bandwidth goes unused; a few rows it does thread, but slowly. When the weight is stored
-    (in, out) (GPT.use_cpu_decode_layout), its input features split into S contiguous slices (split-K):
-        y = sum_s x[:, slice_s] @ weight.T[slice_s]      one (rows, in/S) @ (in/S, out) product per slice,
-    which torch.bmm hands to MKL's batched GEMM as S independent products, one per thread; the S partial
-    sums (S x rows x out, small next to the weight) are then added. See linear_splits for when.
+    cores' memory bandwidth goes unused; a few rows it does thread, but slowly. So the weight is read in S
+    contiguous blocks, one per thread, as S independent products that torch.bmm hands to MKL's batched
+    GEMM, one per thread:
+      * stored (in, out) (GPT.use_cpu_decode_layout), its input features split (split-K):
+            y = sum_s x[:, slice_s] @ weight.T[slice_s]    (rows, in/S) @ (in/S, out) each, then summed;
+      * stored (out, in), its output rows split: y[:, block_s] = x @ weight[block_s].T, one row only
+        (a few rows MKL already threads).
+    See linear_plan for when; everything else is F.linear.
     """
-    splits = linear_splits(x, weight, bias)
-    if splits > 1:
+    how, splits = linear_plan(x, weight, bias)
+    if how == "split-k":
         return _split_k_linear(x, weight, bias, splits)
+    if how == "split-rows":
+        return _split_rows_linear(x, weight, bias, splits)
     return F.linear(x, weight, bias)
 
 
-# Split-K pays while the weight read dominates: measured faster than F.linear up to 64 rows and even at
-# 512 (per-thread CPU time, gpt2's c_attn and mlp.c_proj shapes, 2 threads), so prefill-sized products stay
-# F.linear; and while a weight's read (>= 1 MB: 30 us and more) outweighs the parallel region and the two
-# small ops it adds (~10 us), so a tiny model's products stay F.linear too.
-SPLIT_K_MAX_ROWS = 64
-SPLIT_K_MIN_WEIGHT = 1 << 18  # elements
+# Splitting pays while the weight read dominates: split-K measured faster than F.linear up to 64 rows and
+# even at 512 (per-thread CPU time, gpt2's c_attn and mlp.c_proj shapes, 2 threads), so prefill-sized
+# products stay F.linear; and while a weight's read (>= 1 MB: 30 us and more) outweighs the parallel region
+# and the small ops a split adds (~10 us), so a tiny model's products stay F.linear too.
+SPLIT_MAX_ROWS = 64
+SPLIT_MIN_WEIGHT = 1 << 18  # elements
 _MKL = None  # torch.backends.mkl.is_available(), looked up on first use
 
 
-def linear_splits(x, weight, bias=None) -> int:
-    """How many slices of the input features ``linear`` computes in parallel; 1 means plain F.linear.
+def linear_plan(x, weight, bias=None) -> tuple[str, int]:
+    """How ``linear`` computes this product: ("split-k", S), ("split-rows", S) or ("f.linear", 1).
 
-    Split-K needs: a CPU with more than one intra-op thread; fp32 throughout (the float64 truth keeps
-    F.linear); at most SPLIT_K_MAX_ROWS rows; a weight of at least SPLIT_K_MIN_WEIGHT elements stored
-    (in, out), so that each slice is one contiguous block; nothing autograd must see; and MKL, whose
-    batched GEMM runs the slices on separate threads (without it torch.bmm loops over them on one thread,
-    and F.linear is better). The slice count is the greatest common divisor of the thread count and the
-    input features (2 for gpt2 on 2 threads), so the slices are equal."""
+    A split needs: a CPU with more than one intra-op thread; fp32 throughout (the float64 truth keeps
+    F.linear); a weight of at least SPLIT_MIN_WEIGHT elements whose blocks are contiguous, i.e. stored
+    (in, out) for split-K (up to SPLIT_MAX_ROWS rows) or (out, in) for split-rows (one row); nothing
+    autograd must see; and MKL, whose batched GEMM runs the blocks on separate threads (without it
+    torch.bmm loops over them on one thread, and F.linear is better). S is the greatest common divisor
+    of the thread count and the split dimension (2 for gpt2 on 2 threads), so the blocks are equal."""
     global _MKL
+    plain = ("f.linear", 1)
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return 1
+        return plain
     out_features, in_features = weight.shape
-    if x.numel() > SPLIT_K_MAX_ROWS * in_features or weight.numel() < SPLIT_K_MIN_WEIGHT:
-        return 1
-    if weight.stride(0) != 1 or (weight.stride(1) != out_features and out_features > 1):
-        return 1  # not (in, out) storage
+    rows = x.numel() // max(in_features, 1)
+    if rows > SPLIT_MAX_ROWS or weight.numel() < SPLIT_MIN_WEIGHT:
+        return plain
     if bias is not None and bias.dtype != torch.float32:
-        return 1
+        return plain
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return 1
+        return plain
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return plain
     if _MKL is None:
         _MKL = torch.backends.mkl.is_available()
-    return math.gcd(torch.get_num_threads(), in_features) if _MKL else 1
+    if not _MKL:
+        return plain
+    if weight.stride() == (1, out_features):  # (in, out) storage
+        splits = math.gcd(threads, in_features)
+        return ("split-k", splits) if splits > 1 else plain
+    if weight.stride() == (in_features, 1) and rows == 1:  # (out, in) storage
+        splits = math.gcd(threads, out_features)
+        return ("split-rows", splits) if splits > 1 else plain
+    return plain
 
 
 def _split_k_linear(x, weight, bias, splits: int):
@@ -112,6 +128,16 @@ def _split_k_linear(x, weight, bias, splits: int):
     y = torch.bmm(rows, slices).sum(0)  # (M, out)
     if bias is not None:
         y += bias
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _split_rows_linear(x, weight, bias, splits: int):
+    out_features, in_features = weight.shape
+    row = x.reshape(1, 1, in_features).expand(splits, 1, in_features)  # (S, 1, in), one copy of x read S times
+    blocks = weight.view(splits, out_features // splits, in_features)  # (S, out / S, in): no copy
+    y = torch.bmm(row, blocks.transpose(1, 2)).view(out_features)  # (S, 1, out / S) -> (out,)
+    if bias is not None:
+        y = y + bias
     return y.view(*x.shape[:-1], out_features)
 
 

@@ -324,7 +324,7 @@ def test_cpu_matvec_table_covers_every_candidate():
 
     result = bench_cpu_matvec.measure([1, 2], 1, {"a": (256, 96), "odd": (257, 64)}, stream_bytes=1 << 20)
     names = set(bench_cpu_matvec.candidates())
-    assert {"kernels.linear", "bmm split-K (in,out)", "F.linear (out,in)"} <= names
+    assert {"kernels.linear (in,out)", "bmm split-K (in,out)", "F.linear (out,in)"} <= names
     rows = result["rows"]
     assert len(rows) == 2 * 2 * len(names)
     for r in rows:

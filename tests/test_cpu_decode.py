@@ -2,9 +2,9 @@
 
 The plain path is a freshly loaded model in nn.Linear's (out, in) layout running kernels.reference; every
 faster CPU path must agree with it: the weight layout of GPT.use_cpu_decode_layout, a decode step's
-product split over the input features across threads (split-K, kernels.reference.linear) and its
-fallback, F.linear, when there is one thread, no MKL or a shape it does not take, and decode attention
-without its mask when no row is shorter than the longest. Agreement means the same greedy tokens and
+product split across threads (kernels.reference.linear: over the input features of an (in, out) weight,
+over the output rows of an (out, in) one) and its fallback, F.linear, when there is one thread, no MKL or
+a shape it does not take, and decode attention without its mask when no row is shorter than the longest. Agreement means the same greedy tokens and
 logits within 1e-5 of their scale (the fp32 rounding of another summation order). Speed is the
 benchmarks' business (benchmarks/bench_cpu_matvec.py, python -m benchmarks.bench_generate --cpu-decode).
 """
@@ -53,41 +53,43 @@ def _decode_logits(model, ids, n):
 
 @pytest.fixture(params=["split-2", "split-3", "f.linear-1-thread", "f.linear-no-mkl"])
 def matvec_path(request, monkeypatch, reference_path):
-    """Each way a decode step's CPU linear can go: split-K over 2 or 3 threads (the slice count is the
-    largest divisor of the input features up to the threads), or F.linear because there is one thread or
-    no MKL in this torch."""
+    """Each way a decode step's CPU linear can go: split over 2 or 3 threads (the block count divides the
+    split dimension), or F.linear because there is one thread or no MKL in this torch."""
     threads = {"split-2": 2, "split-3": 3, "f.linear-1-thread": 1, "f.linear-no-mkl": 2}[request.param]
     torch.set_num_threads(threads)  # one_torch_thread restores it afterwards
     monkeypatch.setattr(reference, "_MKL", request.param != "f.linear-no-mkl")
-    monkeypatch.setattr(reference, "SPLIT_K_MIN_WEIGHT", 0)  # the small test shapes split too
+    monkeypatch.setattr(reference, "SPLIT_MIN_WEIGHT", 0)  # the small test shapes split too
     return request.param
 
 
-def _expected_splits(path, in_features):
-    if path.startswith("f.linear"):
-        return 1
-    return math.gcd(int(path[-1]), in_features)
+def _expected_plan(path, how, dim):
+    """linear_plan's answer on this path for a split of kind `how` along a dimension of size dim."""
+    splits = 1 if path.startswith("f.linear") else math.gcd(int(path[-1]), dim)
+    return (how, splits) if splits > 1 else ("f.linear", 1)
 
 
 # ------------------------------------------------------------------------------------------------ linear
 @pytest.mark.parametrize("rows", [1, 7, 64])
-@pytest.mark.parametrize("out_features, in_features", [(2304, 768), (211, 48), (7, 6), (5, 1)])
+@pytest.mark.parametrize("out_features, in_features", [(2304, 768), (211, 48), (9, 6), (6, 1)])
 def test_linear_matches_float64(matvec_path, rows, out_features, in_features):
+    """Both storage orders, with and without bias, against float64: split-K for an (in, out) weight at
+    every row count, split-rows for an (out, in) one at one row, F.linear otherwise."""
     g = torch.Generator().manual_seed(out_features + in_features + rows)
     w = torch.randn(out_features, in_features, generator=g)
     b = torch.randn(out_features, generator=g)
     x = torch.randn(rows, 1, in_features, generator=g) * 10  # large magnitudes: errors relative to the scale
     want = x.double() @ w.double().t() + b.double()
-    w_in_major = w.t().contiguous().t()  # (in, out) storage, as the CPU layout keeps it
+    w_in_major = w.t().contiguous().t()  # (in, out) storage, as the CPU layout keeps most weights
     for weight in (w, w_in_major):
         for bias in (b, None):
             y = kernels.linear(x, weight, bias)
             assert y.shape == (rows, 1, out_features) and y.dtype == torch.float32
             ref = want if bias is not None else want - b.double()
             assert max_rel_err(y, ref) <= FP32_REL_TOL
-    expected = _expected_splits(matvec_path, in_features) if in_features > 1 else 1
-    assert reference.linear_splits(x, w_in_major, b) == expected
-    assert reference.linear_splits(x, w, b) == 1  # (out, in) storage: the slices would not be contiguous
+    if in_features > 1:  # a (6, 1) weight is contiguous both ways; which split it takes is immaterial
+        assert reference.linear_plan(x, w_in_major, b) == _expected_plan(matvec_path, "split-k", in_features)
+        expected = _expected_plan(matvec_path, "split-rows", out_features) if rows == 1 else ("f.linear", 1)
+        assert reference.linear_plan(x, w, b) == expected
 
 
 def test_linear_takes_f_linear_for_many_rows_autograd_and_other_dtypes(matvec_path):
@@ -95,28 +97,27 @@ def test_linear_takes_f_linear_for_many_rows_autograd_and_other_dtypes(matvec_pa
     split; autograd through the plain path still gives the weight's gradient."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 48, generator=g).t().contiguous().t()
-    x_many = torch.randn(reference.SPLIT_K_MAX_ROWS + 1, 48, generator=g)
-    assert reference.linear_splits(x_many, w) == 1
+    x_many = torch.randn(reference.SPLIT_MAX_ROWS + 1, 48, generator=g)
+    assert reference.linear_plan(x_many, w) == ("f.linear", 1)
     torch.testing.assert_close(kernels.linear(x_many, w), F.linear(x_many, w), rtol=0, atol=0)
-    assert reference.linear_splits(x_many[:3].double(), w.double().t().contiguous().t()) == 1
+    assert reference.linear_plan(x_many[:3].double(), w.double().t().contiguous().t()) == ("f.linear", 1)
     wt = torch.randn(48, 64, generator=g).requires_grad_()  # (in, out) storage, viewed as (out, in)
     x1 = torch.randn(1, 48, generator=g)
-    assert reference.linear_splits(x1, wt.t()) == 1
+    assert reference.linear_plan(x1, wt.t()) == ("f.linear", 1)
     kernels.linear(x1, wt.t()).sum().backward()
     torch.testing.assert_close(wt.grad, x1.t().expand(48, 64))
     with torch.no_grad():  # the same weight without autograd may split
-        assert reference.linear_splits(x1, wt.t()) == _expected_splits(matvec_path, 48)
+        assert reference.linear_plan(x1, wt.t()) == _expected_plan(matvec_path, "split-k", 48)
 
 
 def test_linear_keeps_small_weights_on_f_linear(reference_path, monkeypatch):
-    """A weight under SPLIT_K_MIN_WEIGHT is read faster than a parallel region opens: F.linear."""
+    """A weight under SPLIT_MIN_WEIGHT is read faster than a parallel region opens: F.linear."""
     torch.set_num_threads(2)
     monkeypatch.setattr(reference, "_MKL", True)
     x = torch.randn(1, 768)
-    big = torch.randn(768, 2304).t()  # gpt2's c_attn, (in, out) storage
-    small = torch.randn(64, 96).t()
-    assert reference.linear_splits(x, big) == 2
-    assert reference.linear_splits(x[:, :96], small) == 1
+    assert reference.linear_plan(x, torch.randn(768, 2304).t()) == ("split-k", 2)  # gpt2's c_attn, (in, out)
+    assert reference.linear_plan(torch.randn(1, 3072), torch.randn(768, 3072)) == ("split-rows", 2)  # mlp.c_proj
+    assert reference.linear_plan(x[:, :96], torch.randn(64, 96).t()) == ("f.linear", 1)
 
 
 def test_linear_validates_its_arguments():
