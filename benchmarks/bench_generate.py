@@ -458,8 +458,9 @@ def format_cpu_decode(r: dict) -> str:
         f"   speedup {f(r['decode_speedup'], '.2f')}x {goal(r['decode_speedup'], CPU_DECODE_GOALS['speedup'], 'x')}"
         " (both from their generate)",
         f"  fastgpt's decode_one_token timed directly: {r['ours_step_ms']:.1f} ms/step",
-        f"  weight-streaming floor: {r['weight_mb']:.0f} MB / {r['copy_gbs']:.1f} GB/s copy = {r['floor_ms']:.1f} ms/step"
-        f"; fastgpt's step is at {r['pct_floor']:.0f}% of it {goal(r['pct_floor'], CPU_DECODE_GOALS['pct_floor'], '%')}",
+        f"  weight-streaming floor: {r['weight_mb']:.0f} MB / {r['copy_gbs']:.1f} GB/s copy = "
+        f"{r['floor_ms']:.1f} ms/step; fastgpt's step is at {r['pct_floor']:.0f}% of it "
+        f"{goal(r['pct_floor'], CPU_DECODE_GOALS['pct_floor'], '%')}",
         f"  read-only floor:        {r['weight_mb']:.0f} MB / {r['read_gbs']:.1f} GB/s read = {r['read_floor_ms']:.1f}"
         f" ms/step; fastgpt's step is at {r['pct_read_floor']:.0f}% of it",
     ])

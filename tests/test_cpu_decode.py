@@ -4,9 +4,10 @@ The plain path is a freshly loaded model in nn.Linear's (out, in) layout running
 faster CPU path must agree with it: the weight layout of GPT.use_cpu_decode_layout, a decode step's
 product split across threads (kernels.reference.linear: over the input features of an (in, out) weight,
 over the output rows of an (out, in) one) and its fallback, F.linear, when there is one thread, no MKL or
-a shape it does not take, and decode attention without its mask when no row is shorter than the longest. Agreement means the same greedy tokens and
-logits within 1e-5 of their scale (the fp32 rounding of another summation order). Speed is the
-benchmarks' business (benchmarks/bench_cpu_matvec.py, python -m benchmarks.bench_generate --cpu-decode).
+a shape it does not take, and decode attention without its mask when no row is shorter than the longest.
+Agreement means the same greedy tokens and logits within 1e-5 of their scale (the fp32 rounding of
+another summation order). Speed is the benchmarks' business (benchmarks/bench_cpu_matvec.py,
+python -m benchmarks.bench_generate --cpu-decode).
 """
 
 import math
