@@ -4,6 +4,11 @@ torch.compile of the same function. GPU only for speed; the module imports clean
 Work per call: 2 * M * C * F * 2 FLOPs (F = 4C). For M <= 64 the weights dominate the traffic, so a
 second row reports the weight-streaming rate (bytes of both weight matrices / time) against the copy
 ceiling.
+
+Backward rows: kernels.gelu_mlp.gelu_mlp_bwd (dz with dGELU in its epilogue, dx, both weight gradients:
+four GEMMs, 2 * M * C * F * 4 FLOPs) from the forward's saved x and z, against autograd's backward of the
+eager MLP (torch.autograd.grad on a kept graph). check() adds backward cases (every gradient within 3x
+autograd's same-dtype error), bf16 under autocast with fp32 weights as training runs it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from benchmarks.common import bench_ms, timing_row
+from benchmarks.common import bench_ms, grad_check_row, timing_row
 
 OP = "gelu_mlp"
 M_VALUES = (1, 8, 64, 512, 4096, 8192)
@@ -60,6 +65,31 @@ def check(device, dtypes) -> list[dict]:
             tol = max(2 * _rel_err(eager(*args), ref), DTYPE_TOL[dtype])
             rows.append({"op": OP, "case": f"M={M} C={C} +res", "dtype": str(dtype).replace("torch.", ""),
                          "max_err": err, "tol": tol, "ok": err <= tol})
+        rows += _check_backward(device, dtype)
+    return rows
+
+
+def _check_backward(device, dtype) -> list[dict]:
+    import contextlib
+
+    names = ("x", "fc_weight", "fc_bias", "proj_weight", "proj_bias", "residual")
+    rows = []
+    for M, C in ((1, 768), (7, 768), (512, 768), (1023, 1600)):
+        args = make_inputs(M, C, dtype, device)
+        if dtype == torch.bfloat16:  # as training runs it: fp32 weights and stream, bf16 autocast
+            args = (args[0],) + tuple(a.float() for a in args[1:])
+        tensors = {n: a.requires_grad_() for n, a in zip(names, args)}
+
+        def call(ops):
+            def f(**t):
+                amp = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16
+                       else contextlib.nullcontext())
+                with amp, ops():
+                    return kernels.gelu_mlp(*(t[n] for n in names[:5]), residual=t["residual"])
+            return f
+
+        rows.append(grad_check_row(OP, f"M={M} C={C} +res" + (" autocast" if dtype == torch.bfloat16 else ""),
+                                   dtype, call(contextlib.nullcontext), call(kernels.reference_ops), tensors))
     return rows
 
 
@@ -99,7 +129,24 @@ def run(device, dtypes, quick: bool = False, ceilings: dict | None = None) -> li
                 weight_bytes = sum(a.numel() * a.element_size() for a in args[1:5])
                 rows.append(timing_row(OP, shape + " weights", dtype, ours_ms, "torch eager", eager_ms,
                                        weight_bytes, "GB/s", ceilings))
+            if M >= 512:
+                rows.append(_backward_row(M, C, dtype, device, timing, ceilings))
     return rows
+
+
+def _backward_row(M, C, dtype, device, timing, ceilings) -> dict:
+    """The four backward GEMMs from the saved x and z, against autograd's backward of the eager MLP."""
+    from kernels.gelu_mlp import gelu_mlp_bwd, gelu_mlp_fwd
+
+    x, w1, b1, w2, b2, r = make_inputs(M, C, dtype, device)
+    _, z = gelu_mlp_fwd(x, w1, b1, w2, b2, residual=r, save_preact=True)
+    dy = torch.randn(M, C, generator=torch.Generator(device=device).manual_seed(1), device=device).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+    out = eager(*leaves, r)
+    ours_ms = bench_ms(lambda: gelu_mlp_bwd(dy, x, z, w1, w2), **timing)
+    peer_ms = bench_ms(lambda: torch.autograd.grad(out, leaves, dy, retain_graph=True), **timing)
+    return timing_row(OP, f"M={M} C={C} F={4 * C} bwd", dtype, ours_ms, "autograd eager", peer_ms,
+                      2 * M * C * (4 * C) * 4, "TFLOP/s", ceilings)
 
 
 # ------------------------------------------------------------------------------- pytest-benchmark

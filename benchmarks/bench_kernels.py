@@ -13,7 +13,7 @@ import os
 import sys
 
 # each op's suite benchmarks/bench_<op>.py (check() and run(), see benchmarks/common.py); a new op is a name here
-KERNEL_OPS = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp")
+KERNEL_OPS = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp", "cross_entropy")
 CPU_LABEL = "CPU reference path (PyTorch), not Triton kernel results"
 
 
@@ -185,4 +185,8 @@ def cpu_reference_rows(dtypes, quick: bool, smoke: bool, ceilings: dict, notes: 
                 add("gelu_mlp", f"M={M} C={C} F={4 * C} +residual", dtype,
                     lambda: kernels.gelu_mlp(x, w1, b1, w2, b2, residual=r), peers,
                     16 * M * C * C, "TFLOP/s")  # two GEMMs of 2*M*C*4C FLOPs
+    from benchmarks import bench_cross_entropy
+
+    _log("kernels (CPU reference): cross_entropy")
+    rows += bench_cross_entropy.cpu_rows(dtypes, quick, smoke, ceilings)  # forward + backward, needs autograd
     return rows

@@ -17,6 +17,12 @@ same holds for the peers. Where capture fails, plain launches are timed and the 
 
 Calls go through the launcher kernels.layer_norm.layer_norm_fwd (what the public op dispatches to on
 CUDA after validation).
+
+Backward rows (residual form): kernels.layer_norm.layer_norm_bwd from the forward's saved h, mean and rstd
+against PyTorch autograd's backward of `x + r` then F.layer_norm (torch.autograd.grad on a kept graph),
+GB/s = h, dy and dh read plus dx written (4 M N elements; dx is also the residual's gradient).
+check() adds backward cases: every gradient against float64 within 3x autograd's same-dtype error, bf16
+in the autocast layout (fp32 residual stream and weights).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import L2_BYTES, require_cuda, time_per_call, timing_row
+from benchmarks.common import L2_BYTES, grad_check_row, require_cuda, time_per_call, timing_row
 
 OP = "layer_norm"
 M = 4096
@@ -96,6 +102,29 @@ def check(device, dtypes) -> list[dict]:
                 for what, value, limit in (("y,h", e, tol_y), ("mean,rstd", e_stats, 1e-5)):
                     rows.append({"op": OP, "case": f"{name}{wname} {what}", "dtype": str(dtype).replace("torch.", ""),
                                  "max_err": value, "tol": limit, "ok": bool(value <= limit)})
+        rows += _check_backward(device, dtype)
+    return rows
+
+
+def _check_backward(device, dtype) -> list[dict]:
+    import kernels
+    from kernels import reference
+
+    rows = []
+    # bf16 is what autocast trains: a bf16 branch beside the fp32 stream, fp32 weights
+    stream = torch.float32 if dtype == torch.bfloat16 else dtype
+    for name, shape in (("257x768", (257, 768)), ("4x1023", (4, 1023)), ("2048x1600", (2048, 1600)),
+                        ("looped 8x20000", (8, 20000))):
+        gen = torch.Generator().manual_seed(1)
+        N = shape[-1]
+        tensors = dict(x=_randn(shape, gen, dtype, device, 1.0, -2.0).requires_grad_(),
+                       residual=_randn(shape, gen, stream, device).requires_grad_(),
+                       weight=_randn((N,), gen, stream, device, 0.5, 1.0).requires_grad_(),
+                       bias=_randn((N,), gen, stream, device, 0.5).requires_grad_())
+        rows.append(grad_check_row(OP, name + (" r,w:fp32" if stream != dtype else ""), dtype,
+                                   lambda **t: kernels.layer_norm(t["x"], t["weight"], t["bias"], EPS, t["residual"]),
+                                   lambda **t: reference.layer_norm(t["x"], t["weight"], t["bias"], EPS, t["residual"]),
+                                   tensors))
     return rows
 
 
@@ -139,8 +168,37 @@ def run(device, dtypes, quick: bool, ceilings) -> list[dict]:
                 row["timing"] = how if how == peer_how else f"ours {how}, peer {peer_how}"
                 rows.append(row)
                 del sets, ours, peer
+            rows.append(_backward_row(N, dtype, device, timing, ceilings))
         torch.cuda.empty_cache()
     return rows
+
+
+def _backward_row(N, dtype, device, timing, ceilings) -> dict:
+    """The residual form's backward, ours from the saved statistics against autograd's backward."""
+    bwd = importlib.import_module("kernels.layer_norm").layer_norm_bwd
+    fwd = _launcher()
+    elt = torch.empty((), dtype=dtype).element_size()
+    nbytes = 4 * M * N * elt + 2 * N * elt
+    copies = max(2, min(16, -(-2 * L2_BYTES // nbytes)))
+    sets, w, b = _inputs(N, dtype, device, True, copies)
+    gen = torch.Generator(device=device).manual_seed(7)
+    ours, peer = [], []
+    w_leaf, b_leaf = w.clone().requires_grad_(), b.clone().requires_grad_()
+    for x, r in sets:
+        dy, dh = (torch.randn(x.shape, generator=gen, device=device).to(dtype) for _ in range(2))
+        _, h, mean, rstd = fwd(x, w, b, eps=EPS, residual=r, return_stats=True)
+        ours.append(lambda dy=dy, dh=dh, h=h, mean=mean, rstd=rstd: bwd(dy, h, w, mean, rstd, dh=dh))
+        xl, rl = x.clone().requires_grad_(), r.clone().requires_grad_()
+        hl = xl + rl
+        yl = F.layer_norm(hl, (N,), w_leaf, b_leaf, EPS)
+        peer.append(lambda yl=yl, hl=hl, xl=xl, rl=rl, dy=dy, dh=dh: torch.autograd.grad(
+            (yl, hl), (xl, rl, w_leaf, b_leaf), (dy, dh), retain_graph=True))
+    ours_ms, how = time_per_call(ours, timing)
+    peer_ms, peer_how = time_per_call(peer, timing)
+    row = timing_row(OP, f"M={M} N={N} +residual bwd", dtype, ours_ms, "autograd: add + F.layer_norm", peer_ms,
+                     nbytes, "GB/s", ceilings)
+    row["timing"] = how if how == peer_how else f"ours {how}, peer {peer_how}"
+    return row
 
 
 # ------------------------------------------------------------------------------------- pytest-benchmark

@@ -27,6 +27,10 @@ SUITES = {
                  True),
     "parallel": ("benchmarks.bench_parallel", "tensor-parallel decode and data-parallel training, one process per "
                  "rank (launches jobs of its own: not in all)", False),
+    "engine": ("benchmarks.bench_engine", "random requests through the engine against transformers' continuous "
+               "batching and static batches (many minutes on a CPU: not in all)", False),
+    "train": ("benchmarks.bench_train", "a training step's tokens/s and peak memory against the reference path "
+              "and transformers (gpt2-sized steps take minutes: not in all)", False),
 }
 
 

@@ -139,3 +139,34 @@ def time_per_call(calls, timing: dict) -> tuple[float, str]:
     if replay is not None:
         return bench_ms(replay, **timing) / len(calls), f"graph x{len(calls)}"
     return bench_ms(calls[0], **timing), "eager"
+
+
+def grad_check_row(op: str, case: str, dtype, ours, peer, tensors: dict, factor: float = 3.0) -> dict:
+    """A correctness row for a backward: ours(**tensors) and peer(**tensors) (PyTorch's autograd in the same
+    dtype) against peer(**float64 copies); each output gets the same seeded gradient (rounded to its dtype).
+    Reported: the worst gradient's error (max |g - g64| / max |g64|) and its tolerance, factor x the peer's
+    error on that gradient or one rounding of the dtype where the peer is exact (FlashAttention's rule)."""
+    def grads(fn, upcast, out_dtypes=None):
+        leaves = {k: (v.detach().double() if upcast else v.detach()).requires_grad_(v.requires_grad)
+                  if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in tensors.items()}
+        outs = fn(**leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        gen = torch.Generator().manual_seed(0)
+        out_dtypes = out_dtypes or [o.dtype for o in outs]
+        gs = [torch.randn(o.shape, generator=gen).to(o.device).to(dt).to(o.dtype) for o, dt in zip(outs, out_dtypes)]
+        torch.autograd.backward(outs, gs)
+        return {k: leaves[k].grad for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.requires_grad}, \
+            [o.dtype for o in outs]
+
+    g_ours, out_dtypes = grads(ours, False)
+    g_peer, _ = grads(peer, False, out_dtypes)
+    g64, _ = grads(peer, True, out_dtypes)
+
+    def err(a, ref):
+        return float((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+    floor = torch.finfo(dtype).eps / 2
+    worst = max(g_ours, key=lambda k: err(g_ours[k], g64[k]) / max(factor * err(g_peer[k], g64[k]), floor))
+    e, tol = err(g_ours[worst], g64[worst]), max(factor * err(g_peer[worst], g64[worst]), floor)
+    return {"op": op, "case": f"{case} bwd (worst: d{worst})", "dtype": str(dtype).replace("torch.", ""),
+            "max_err": e, "tol": tol, "ok": bool(e <= tol)}

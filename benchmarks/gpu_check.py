@@ -14,7 +14,13 @@ In order:
   5. transformers' GPT-2 patched by fastgpt vs unpatched: parity, prefill, decode, training step
      (benchmarks/bench_patch.py);
   6. with more than one GPU only: tensor-parallel logits against one GPU, TP decode and DP training
-     (benchmarks/bench_parallel.py, quick plan); skipped with a note otherwise.
+     (benchmarks/bench_parallel.py, quick plan); skipped with a note otherwise;
+  7. the engine (benchmarks/bench_engine.py gpu_rows): CUDA-graph replay against eager, gpt2 output
+     tokens/s at 256 requests, and the CUDA-graph decode step at batch 1;
+  8. serving: fastgpt serve on a gpt2-shaped model at 64 concurrent streams (benchmarks/bench_serve.py);
+  9. a timed training step, gpt2 at 8 x 1024 in bf16 (benchmarks/bench_train.py): fused kernels against
+     the PyTorch reference path and transformers, and the issue's goals (listed, not counted as checks).
+The checks include every backward (flash_attention, layer_norm, gelu_mlp, linear_cross_entropy) in each dtype.
 One op failing (its check raising, or its suite missing) is reported and the rest still runs.
 Writes results.json, results.md and one PNG per op into the folder; exits 1 if any check failed, 2 on a
 usage error (no CUDA without --device cpu).
@@ -39,10 +45,10 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks import bench_generate, bench_patch, report  # noqa: E402
+from benchmarks import bench_engine, bench_generate, bench_patch, bench_train, report  # noqa: E402
 from benchmarks.common import measure_ceilings  # noqa: E402
 
-OPS = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp")
+OPS = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp", "cross_entropy")
 ALL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Model-level tolerance on the logits (max |error| / max |reference logit|): ten times the per-op
 # tolerance of the dtype, because a few layers chain a dozen rounded ops along the residual stream.
@@ -224,6 +230,17 @@ def _main(argv) -> int:
     else:
         notes.append(f"parallel: skipped, tensor parallelism needs more than one GPU "
                      f"(this machine has {torch.cuda.device_count() if cuda else 0})")
+    section("engine", lambda: bench_engine.gpu_rows(device, args.smoke))
+
+    def serve():
+        from benchmarks import bench_serve  # needs the serve extra; without it this section fails alone
+
+        serve_rows, serve_notes = bench_serve.gpu_check_section(device, args.smoke, log=_log)
+        notes.extend(serve_notes)
+        return serve_rows
+
+    section("serve", serve)
+    section("train", lambda: bench_train.gpu_check_rows(device, args.smoke, notes, errors))
 
     failed = [r for r in rows if r["kind"] in ("check", "parity") and not r["ok"]]
     doc.update({"settings": {"script": "gpu_check", "smoke": args.smoke, "hf_compile": not args.no_hf_compile},

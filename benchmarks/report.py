@@ -143,12 +143,24 @@ TP_DECODE_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("context"
 DP_TRAIN_COLUMNS = [("model", "model", ""), ("mode", "mode", ""), ("ranks", "ranks", "d"),
                     ("batch/rank", "batch_per_rank", "d"), ("block", "block", "d"), ("ms/step", "step_ms", ".1f"),
                     ("tok/s", "tok_s", ".0f"), ("vs 1 process", "vs_one", "x")]
+ENGINE_COLUMNS = [("model", "model", ""), ("dtype", "dtype", ""), ("system", "system", ""),
+                  ("concurrency", "concurrency", "d"), ("requests", "requests", "d"),
+                  ("output tok/s", "output_tok_s", ".0f"), ("goal tok/s", "goal_tok_s", ".0f"),
+                  ("step us", "step_us", ".1f"), ("goal us", "goal_us", ".0f")]
+TRAIN_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("seq", "seq", "d"), ("dtype", "dtype", ""),
+                 ("path", "path", ""), ("step ms", "step_ms", ".2f"), ("tokens/s", "tokens_per_s", ".0f"),
+                 ("peak GB", "peak_gb", ".2f"), ("vs reference", "vs_reference", "x"),
+                 ("vs transformers", "vs_transformers", "x"), ("memory vs reference", "mem_vs_reference", "x")]
+MEMORY_COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("dtype", "dtype", ""), ("ours MB", "ours_mb", ".0f"),
+                  ("peer", "peer", ""), ("peer MB", "peer_mb", ".0f"), ("ours / peer", "ratio", ".3f"),
+                  ("measured as", "method", "")]
+GOAL_COLUMNS = [("goal", "goal", ""), ("measured", "measured", ".2f"), ("target", "target", ".2f"), ("ok", "ok", "")]
 CHECK_COLUMNS = [("op", "op", ""), ("case", "case", ""), ("dtype", "dtype", ""), ("max err", "max_err", ".2e"),
                  ("tol", "tol", ".1e"), ("ok", "ok", "")]
 
 
 KNOWN_KINDS = ("check", "parity", "kernel", "generate", "patch", "decode_position", "cpu_decode", "tp_decode",
-               "dp_train")
+               "dp_train", "engine", "train", "goal", "memory")
 
 
 def generic_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -199,6 +211,10 @@ def render(doc: dict, markdown: bool = False) -> str:
         out.append(h("Kernels: " + doc.get("kernel_label", "")))
         if kern:
             out.append(format_table(kern, KERNEL_COLUMNS, markdown))
+    memory = rows_of(rows, "memory")
+    if memory:
+        out.append(h("Peak memory"))
+        out.append(format_table(memory, MEMORY_COLUMNS, markdown))
     gen = rows_of(rows, "generate")
     if gen:
         out.append(h("Generation: tokens/s against transformers on the same weights; decode against the "
@@ -225,6 +241,18 @@ def render(doc: dict, markdown: bool = False) -> str:
     if dp:
         out.append(h("Data-parallel training: tokens/s over all ranks"))
         out.append(format_table(dp, DP_TRAIN_COLUMNS, markdown))
+    engine = rows_of(rows, "engine")
+    if engine:
+        out.append(h("Engine: continuous batching (benchmarks/bench_engine.py)"))
+        out.append(format_table(engine, ENGINE_COLUMNS, markdown))
+    train = rows_of(rows, "train")
+    if train:
+        out.append(h("Training step (forward + backward + AdamW): tokens/s and peak memory, same data"))
+        out.append(format_table(train, TRAIN_COLUMNS, markdown))
+    goal = rows_of(rows, "goal")
+    if goal:
+        out.append(h("Training goals"))
+        out.append(format_table(goal, GOAL_COLUMNS, markdown))
     for kind in dict.fromkeys(r.get("kind") for r in rows):
         if kind not in KNOWN_KINDS:  # a new suite's rows: every field, until it earns columns of its own
             out.append(h(str(kind)))
@@ -290,9 +318,9 @@ def draw_series(ax, series: dict, xlabel: str, ylabel: str, title: str, ref: flo
 
 def plot(doc: dict, out_dir: str) -> list[str]:
     """One PNG per kernel op (speedup over each peer, and % of the ceiling, against problem size), one for
-    generation (decode speedup over each peer, and % of the weight-streaming floor, against batch) and one
-    for the CPU batch-1 decode (ms per step of each engine beside the floors). Each states the machine, the
-    date and the dtypes."""
+    generation (decode speedup over each peer, and % of the weight-streaming floor, against batch), one for
+    the engine (output tokens/s of each system against concurrency) and one for the CPU batch-1 decode (ms
+    per step of each engine beside the floors). Each states the machine, the date and the dtypes."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -342,6 +370,15 @@ def plot(doc: dict, out_dir: str) -> list[str]:
         draw_series(ax_f, {k: list(v.values()) for k, v in floor.items()}, "batch",
                     "% of floor (floor ms / ms per step)", "decode: % of the weight-streaming floor", ref=100.0)
         save(fig, "generate.png", "generate", gen)
+
+    engine = rows_of(rows, "engine")
+    if engine:
+        series = {}
+        for r in engine:
+            series.setdefault(r["system"], []).append((r["concurrency"], r["output_tok_s"]))
+        fig, ax = plt.subplots(figsize=(8, 4.6), layout="constrained")
+        draw_series(ax, series, "concurrency", "output tokens/s", "engine: output tokens/s by concurrency")
+        save(fig, "engine.png", f"engine ({engine[0]['model']}, {engine[0]['requests']} requests)", engine)
 
     cpu = rows_of(rows, "cpu_decode")
     if cpu:

@@ -1,10 +1,12 @@
 """fastgpt: GPT-2-family inference and training whose hot paths are fused Triton kernels."""
 
 from fastgpt.config import GPTConfig
+from fastgpt.engine import CompletionOutput, Engine, RequestOutput, SamplingParams
 from fastgpt.model import GPT
 from fastgpt.tokenizer import Tokenizer
 
-__all__ = ["GPT", "GPTConfig", "Tokenizer", "default_model_dir", "patch_transformers", "unpatch_transformers"]
+__all__ = ["GPT", "GPTConfig", "Tokenizer", "Engine", "SamplingParams", "RequestOutput", "CompletionOutput",
+           "default_model_dir", "patch_transformers", "unpatch_transformers"]
 __version__ = "0.1.0"
 
 # The drop-in for transformers' GPT-2 (fastgpt.integrations.transformers), loaded on first use so that

@@ -2,9 +2,13 @@
 
 Static shapes keep every decode step identical (the precondition for capturing it in a CUDA graph) and
 avoid the quadratic copying of a cache that is concatenated one token at a time.
+
+``PagedBatch`` is the engine's counterpart: the indexing of one packed batch into a paged cache.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,3 +39,20 @@ class KVCache(nn.Module):
         k_cache.index_copy_(2, input_pos, k)
         v_cache.index_copy_(2, input_pos, v)
         return k_cache, v_cache
+
+
+@dataclass
+class PagedBatch:
+    """Where one packed ragged batch of the engine reads and writes its keys and values.
+
+    The batch is N tokens of B sequences, back to back; each attention layer holds its own pages
+    (``CausalSelfAttention.kv_pages``: k and v, (num_blocks, block_size, H, D) each) and this says how to
+    index them (see fastgpt/engine/block_manager.py for the layout). The first num_decodes sequences
+    compute one token each (decode rows); the others compute chunks of their prompts.
+    """
+
+    slot_mapping: torch.Tensor  # (N,) int64: cache slot of each token; -1 writes nothing (graph padding)
+    block_table: torch.Tensor  # (B, max_blocks) int32
+    cache_seqlens: torch.Tensor  # (B,) int32: positions in the cache after this step's writes
+    num_decodes: int  # the leading rows, one token each
+    cu_seqlens_q: torch.Tensor | None = None  # (B - num_decodes + 1,) int32: the other rows' token offsets

@@ -20,7 +20,8 @@ import time
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int (imported only when used)
 SUBCOMMANDS = {
-    "generate": ("fastgpt.cli", "generate text from a prompt, streaming it as it comes"),
+    "generate": ("fastgpt.cli", "generate text from one or more prompts, streaming it as it comes"),
+    "serve": ("fastgpt.serve.cli", "serve the OpenAI API (completions, chat) over HTTP on the engine"),
     "bench": ("benchmarks.cli", "time the fused kernels and generation against their peers"),
     "train": ("fastgpt.train", "pretrain or fine-tune a model on text files, JSONL pairs or the stdlib corpus"),
 }
@@ -67,7 +68,11 @@ def resolve_device(name: str | None):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF GPT-2 checkpoint dir or hub name (default: the bundled model)")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", action="append", default=None,
+                   help='text to continue; repeat it for several prompts, run together ("" starts from '
+                        "<|endoftext|>)")
+    p.add_argument("--prompts-file", metavar="FILE", default=None,
+                   help="a UTF-8 file of prompts, one per line (blank lines are skipped)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=positive_int, default=50)
@@ -81,46 +86,154 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with torchrun --nproc-per-node N (rank 0 prints)")
 
 
-def run(args) -> int:
-    import torch
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line for line in f.read().splitlines() if line.strip()]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--prompts-file {args.prompts_file}: not found") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts-file {args.prompts_file}: not UTF-8 text ({e.reason})") from None
+    if not prompts:
+        raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
 
-    from fastgpt import GPT, Tokenizer, default_model_dir
-    from fastgpt.generate import validate_sampling
+
+class _Printer:
+    """Writes the results in input order, streaming the earliest unfinished one as it grows. On a terminal
+    the prompt is shown in colour (and several results are separated by a rule); piped, plain text."""
+
+    PROMPT, DIM, RESET = "\033[36m", "\033[2m", "\033[0m"
+
+    def __init__(self, out, prompts: list[str]):
+        self.out, self.prompts = out, prompts
+        self.styled = out.isatty() and not os.environ.get("NO_COLOR")
+        self.texts: dict[int, str] = {}
+        self.done: set[int] = set()
+        self.cursor, self.printed = 0, None  # the result being written, and how much of its text is out
+
+    def update(self, index: int, text: str, finished: bool) -> None:
+        self.texts[index] = text
+        if finished:
+            self.done.add(index)
+        while self.cursor < len(self.prompts):
+            i = self.cursor
+            if self.printed is None:  # start result i
+                if i > 0:
+                    rule = f"{self.DIM}── {i + 1}/{len(self.prompts)} ──{self.RESET}\n" if self.styled else ""
+                    self.out.write("\n" + rule)
+                prompt = self.prompts[i]
+                self.out.write(f"{self.PROMPT}{prompt}{self.RESET}" if self.styled and prompt else prompt)
+                self.printed = ""
+            text = self.texts.get(i, "")
+            self.out.write(text[len(self.printed):])
+            self.printed = text
+            if i not in self.done:
+                break
+            self.out.write("\n")
+            self.cursor, self.printed = i + 1, None
+        self.out.flush()
+
+
+def _model_dir(args) -> str:
+    from fastgpt import default_model_dir
     from fastgpt.load import resolve_model_dir
 
-    validate_sampling(args.temperature, args.top_k, args.top_p)
-    from fastgpt import parallel
-
-    world = parallel.World.from_env()
-    if args.tp > 1 or world.size > 1:
-        world, device = parallel.launch_tensor_parallel(args.tp, args.device)
-    else:
-        device = resolve_device(args.device)
     if args.model is None:
         model_dir = default_model_dir()
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise FileNotFoundError(f"no --model given and the bundled model is missing ({model_dir})")
-    else:
-        model_dir = resolve_model_dir(args.model)
+        return model_dir
+    return resolve_model_dir(args.model)
+
+
+def _prompt_ids(tokenizer, config, prompt: str, max_new_tokens: int, which: str) -> tuple[list[int], int]:
+    """(token ids, new tokens that fit): an empty prompt starts from <|endoftext|>, as transformers does."""
+    start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.bos_token_id
+    ids = tokenizer.encode(prompt) or [start]
+    max_new = min(max_new_tokens, config.n_positions - len(ids))
+    if max_new < 1:
+        raise ValueError(f"{which} of {len(ids)} tokens fills the context length {config.n_positions}")
+    return ids, max_new
+
+
+def run(args) -> int:
+    from fastgpt import GPT, Engine, SamplingParams, Tokenizer, parallel
+    from fastgpt.engine.engine import default_num_blocks
+    from fastgpt.generate import validate_sampling
+
+    prompts = read_prompts(args)
+    validate_sampling(args.temperature, args.top_k, args.top_p)
+    world = parallel.World.from_env()
+    if args.tp > 1 or world.size > 1:
+        return _run_tensor_parallel(args, prompts, world)
+    device = resolve_device(args.device)
+    model_dir = _model_dir(args)
     tokenizer = Tokenizer.from_pretrained(model_dir)
-    if args.tp > 1:
-        model = parallel.load_tensor_parallel(model_dir, device=device, dtype=args.dtype)
+    model = GPT.from_pretrained(model_dir, device=device, dtype=args.dtype)
+    requests = []
+    for i, prompt in enumerate(prompts):
+        ids, max_new = _prompt_ids(tokenizer, model.config, prompt, args.max_new_tokens,
+                                   "prompt" if len(prompts) == 1 else f"prompt {i + 1}")
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p or 1.0,
+                                max_tokens=max_new, seed=args.seed)
+        requests.append((ids, params))
+    block_size = 16
+    needed = sum(-(-(len(ids) + p.max_tokens) // block_size) for ids, p in requests)
+    max_seqs = min(len(requests), 256)
+    engine = Engine(model, tokenizer, block_size=block_size, max_num_seqs=max_seqs,
+                    num_blocks=min(needed, default_num_blocks(model, block_size, max_seqs)))
+    for i, (ids, params) in enumerate(requests):
+        engine.add_request(str(i), ids, params)
+
+    printer = _Printer(sys.stdout, prompts)
+    t0 = time.perf_counter()
+    t_first = None
+    n_tokens = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if t_first is None:
+                t_first = time.perf_counter()
+            completion = out.outputs[0]
+            printer.update(int(out.request_id), completion.text, out.finished)
+            if out.finished:
+                n_tokens += sum(1 for t in completion.token_ids if t != tokenizer.eos_token_id)
+    t_end = time.perf_counter()
+    where = f"{device}, {model.dtype}".replace("torch.", "")
+    if len(prompts) == 1:
+        decode_s = t_end - (t_first or t_end)
+        rate = (n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else float("nan")
+        print(f"[{n_tokens} tokens in {t_end - t0:.2f} s; prefill {len(requests[0][0])} tokens "
+              f"{1e3 * ((t_first or t_end) - t0):.0f} ms; decode {rate:.1f} tokens/s; {where}]", file=sys.stderr)
     else:
-        model = GPT.from_pretrained(model_dir, device=device, dtype=args.dtype)
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
-        raise ValueError("--prompt encodes to no tokens")
+        rate = n_tokens / (t_end - t0) if t_end > t0 else float("nan")
+        print(f"[{len(prompts)} prompts, {n_tokens} tokens in {t_end - t0:.2f} s; {rate:.1f} output tokens/s; "
+              f"{where}]", file=sys.stderr)
+    return 0
+
+
+def _run_tensor_parallel(args, prompts: list[str], world) -> int:
+    """One prompt through a model sharded by heads over torchrun's processes (the engine runs on one
+    device): the dense path's stream; every rank generates the same text, rank 0 prints it."""
+    import torch
+
+    from fastgpt import Tokenizer, parallel
+
+    if len(prompts) > 1:
+        raise ValueError(f"--tp runs one prompt at a time, got {len(prompts)}")
+    world, device = parallel.launch_tensor_parallel(args.tp, args.device)
+    model_dir = _model_dir(args)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    model = parallel.load_tensor_parallel(model_dir, device=device, dtype=args.dtype)
+    ids, max_new = _prompt_ids(tokenizer, model.config, prompts[0], args.max_new_tokens, "prompt")
     input_ids = torch.tensor([ids], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    max_new = min(args.max_new_tokens, model.config.n_positions - len(ids))
-    if max_new < 1:
-        raise ValueError(f"prompt of {len(ids)} tokens fills the context length {model.config.n_positions}")
 
-    out = sys.stdout if world.is_main else io.StringIO()  # every rank generates the same text; rank 0 prints
-    out.write(args.prompt)
-    out.flush()
+    out = sys.stdout if world.is_main else io.StringIO()
+    printer = _Printer(out, prompts)
     new_ids: list[int] = []
-    printed = ""
     t0 = time.perf_counter()
     t_first = None
     for tokens in model.stream(input_ids, max_new, temperature=args.temperature, top_k=args.top_k,
@@ -133,20 +246,16 @@ def run(args) -> int:
         new_ids.append(tok)
         text = tokenizer.decode(new_ids)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            out.write(text[len(printed):])
-            out.flush()
-            printed = text
-    text = tokenizer.decode(new_ids)
-    out.write(text[len(printed):] + "\n")
-    out.flush()
+            printer.update(0, text, False)
+    printer.update(0, tokenizer.decode(new_ids), True)
     t_end = time.perf_counter()
     n = len(new_ids)
     decode_s = t_end - (t_first or t_end)
     rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
-    tp = f" x {args.tp} ranks (tensor parallel)" if args.tp > 1 else ""
     if world.is_main:
         print(f"[{n} tokens in {t_end - t0:.2f} s; prefill {len(ids)} tokens {1e3 * ((t_first or t_end) - t0):.0f} ms; "
-              f"decode {rate:.1f} tokens/s; {device}{tp}, {model.dtype}]".replace("torch.", ""), file=sys.stderr)
+              f"decode {rate:.1f} tokens/s; {device} x {world.size} ranks (tensor parallel), {model.dtype}]"
+              .replace("torch.", ""), file=sys.stderr)
     parallel.destroy_process_group()
     return 0
 

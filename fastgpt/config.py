@@ -18,11 +18,18 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5  # eps of every LayerNorm
     bos_token_id: int = 50256  # GPT-2 uses <|endoftext|> for both
     eos_token_id: int = 50256
+    # training dropout (GPT-2's names; off by default, and always off in eval mode)
+    resid_pdrop: float = 0.0  # on the attention and MLP branches, before their residual adds
+    embd_pdrop: float = 0.0  # on token + position embeddings
+    attn_pdrop: float = 0.0  # kept from a checkpoint's config.json, but NOT applied: no attention dropout
 
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
@@ -76,6 +83,10 @@ class GPTConfig:
                 layer_norm_epsilon=float(config.get("layer_norm_epsilon", 1e-5)),
                 bos_token_id=int(config.get("bos_token_id") if config.get("bos_token_id") is not None else 50256),
                 eos_token_id=int(config.get("eos_token_id") if config.get("eos_token_id") is not None else 50256),
+                # transformers' GPT2Config defaults, where a config.json leaves them out
+                resid_pdrop=float(config.get("resid_pdrop", 0.1)),
+                embd_pdrop=float(config.get("embd_pdrop", 0.1)),
+                attn_pdrop=float(config.get("attn_pdrop", 0.1)),
             )
         except KeyError as e:
             raise ValueError(f"config.json lacks the field {e.args[0]!r}") from None
@@ -96,9 +107,9 @@ class GPTConfig:
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
+            "resid_pdrop": self.resid_pdrop,
+            "embd_pdrop": self.embd_pdrop,
+            "attn_pdrop": self.attn_pdrop,
             "initializer_range": 0.02,
             "scale_attn_weights": True,
             "tie_word_embeddings": True,

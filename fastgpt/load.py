@@ -45,7 +45,9 @@ def resolve_model_dir(name_or_path) -> str:
         return huggingface_hub.snapshot_download(
             repo_id=path,
             allow_patterns=["config.json", "*.safetensors", "model.safetensors.index.json",
-                            "vocab.json", "merges.txt", "tokenizer.json", "generation_config.json"])
+                            "vocab.json", "merges.txt", "tokenizer.json", "generation_config.json",
+                            # the chat template and special tokens fastgpt serve renders chats with
+                            "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"])
     except Exception as e:  # offline, unknown repo, auth: one message that says which
         raise FileNotFoundError(f"could not fetch {path!r} from the Hugging Face hub: {type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None

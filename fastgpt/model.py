@@ -6,21 +6,30 @@ checkpoints map one to one (``fastgpt.load`` transposes HF's Conv1D weights into
 
 One block, with the residual adds fused into the ops that follow them:
     h    = layer_norm(x)                                  ln_1
-    a    = c_proj(attention(c_attn(h)))
+    a    = dropout(c_proj(attention(c_attn(h))))
     y, x = layer_norm(a, residual=x)                      ln_2, x <- x + a
-    x    = gelu_mlp(y, ..., residual=x)                   x <- x + mlp(y)
+    x    = gelu_mlp(y, ..., residual=x, dropout_p)        x <- x + dropout(mlp(y))
+
+Dropout is GPT-2's resid_pdrop on both residual branches (before their add, so the adds stay fused) and
+embd_pdrop on the embeddings; it acts in training mode only (``model.eval()`` turns it off) and is 0 by
+default. Attention dropout (attn_pdrop) is not supported: a checkpoint's value is kept in the config and
+a warning says so when such a model is put in training mode.
+
+Training: ``model(input_ids, targets=targets)`` returns the next-token loss through
+``kernels.linear_cross_entropy`` (the (B, T, V) logits are never materialised on the fused path).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from fastgpt.cache import KVCache
+from fastgpt.cache import KVCache, PagedBatch
 from fastgpt.config import GPTConfig
 
 
@@ -49,6 +58,15 @@ class TiedEmbedding(nn.Embedding):
     def logits(self, x):
         return kernels.linear(x, self.weight)  # (..., V)
 
+    def loss(self, x, targets, reduction: str = "mean"):
+        """Cross-entropy of logits(x) against targets (-100: no loss there), without the logits: the fused
+        linear cross-entropy. A head that makes its logits its own way (a subclass overriding logits, such
+        as the vocab-parallel one) gets its loss from them instead."""
+        if type(self).logits is not TiedEmbedding.logits:
+            logits = self.logits(x)
+            return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction=reduction)
+        return kernels.linear_cross_entropy(x, self.weight, targets, reduction=reduction)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -57,9 +75,13 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.kv_cache: KVCache | None = None
+        self.kv_pages: tuple[torch.Tensor, torch.Tensor] | None = None  # the engine's paged cache (k, v)
 
-    def forward(self, x, input_pos=None, cache_seqlens=None):
+    def forward(self, x, input_pos=None, cache_seqlens=None, paged: PagedBatch | None = None):
+        if paged is not None:
+            return self._forward_paged(x, paged)
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
         # strided views, no copy: the kernels take any strides
@@ -74,7 +96,25 @@ class CausalSelfAttention(nn.Module):
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
             o = kernels.decode_attention(q, k_all, v_all, cache_seqlens)
         # nh * hs, not C: under tensor parallelism a rank holds only its own heads (fastgpt.parallel)
-        return self.c_proj(o.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.resid_dropout(self.c_proj(o.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)))
+
+    def _forward_paged(self, x, paged: PagedBatch):
+        """x (N, C): the packed tokens of the engine's batch (see GPT.forward_packed)."""
+        N = x.shape[0]
+        q, k, v = self.c_attn(x).view(N, 3, self.n_head, self.head_dim).unbind(1)  # (N, nh, hs) each
+        k_pages, v_pages = self.kv_pages
+        kernels.paged_kv_write(k, v, k_pages, v_pages, paged.slot_mapping)
+        nd = paged.num_decodes  # decode rows first: one query each, through the split-KV decode kernel
+        parts = []
+        if nd:
+            o = kernels.paged_decode_attention(q[:nd, :, None], k_pages, v_pages, paged.block_table[:nd],
+                                               paged.cache_seqlens[:nd])  # (nd, nh, 1, hs)
+            parts.append(o[:, :, 0])
+        if nd < N:  # prompt chunks: varlen causal attention over each row's cache
+            parts.append(kernels.paged_prefill_attention(q[nd:], k_pages, v_pages, paged.block_table[nd:],
+                                                         paged.cu_seqlens_q, paged.cache_seqlens[nd:]))
+        o = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self.c_proj(o.reshape(N, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -82,10 +122,12 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.resid_pdrop = config.resid_pdrop
 
     def forward(self, x, residual=None):
+        # the dropout sits inside the op, on the branch before the fused residual add
         return kernels.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
-                                residual=residual)
+                                residual=residual, dropout_p=self.resid_pdrop if self.training else 0.0)
 
 
 class Block(nn.Module):
@@ -96,8 +138,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, input_pos=None, cache_seqlens=None):
-        a = self.attn(self.ln_1(x), input_pos, cache_seqlens)
+    def forward(self, x, input_pos=None, cache_seqlens=None, paged=None):
+        a = self.attn(self.ln_1(x), input_pos, cache_seqlens, paged)
         y, x = self.ln_2(a, residual=x)
         return self.mlp(y, residual=x)
 
@@ -109,6 +151,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=TiedEmbedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.n_positions, config.n_embd),
+            drop=nn.Dropout(config.embd_pdrop),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
@@ -135,6 +178,24 @@ class GPT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.wte.weight.dtype
+
+    def set_dropout(self, resid_pdrop: float, embd_pdrop: float) -> "GPT":
+        """Set the training dropout in place (config and modules, so a saved checkpoint records it). The
+        config's attn_pdrop is cleared: the model trains without attention dropout, and says so."""
+        self.config = self.config.replace(resid_pdrop=float(resid_pdrop), embd_pdrop=float(embd_pdrop),
+                                          attn_pdrop=0.0)
+        self.transformer.drop.p = self.config.embd_pdrop
+        for block in self.transformer.h:
+            block.attn.resid_dropout.p = self.config.resid_pdrop
+            block.mlp.resid_pdrop = self.config.resid_pdrop
+        return self
+
+    def train(self, mode: bool = True) -> "GPT":
+        if mode and self.config.attn_pdrop > 0 and not getattr(self, "_warned_attn_pdrop", False):
+            warnings.warn(f"attn_pdrop={self.config.attn_pdrop} is not applied: fastgpt has no attention "
+                          "dropout (resid_pdrop and embd_pdrop are)", stacklevel=2)
+            self._warned_attn_pdrop = True
+        return super().train(mode)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # wte counted once: the head is tied
@@ -174,13 +235,20 @@ class GPT(nn.Module):
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache_seqlens: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                cache_seqlens: torch.Tensor | None = None, last_only: bool = False,
+                targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
         """Logits (B, T, V) for input_ids (B, T); (B, 1, V) with last_only.
 
         Without input_pos the whole sequence is processed from position 0 with no cache. With input_pos
         (T,) the tokens sit at those positions and their keys/values go into the caches set up by
         ``setup_caches``; a single-token step (T == 1) also needs cache_seqlens, int32 (B,).
+
+        With targets (B, T), int64 (-100 = no loss there), the cross-entropy of the tied head's logits
+        against them instead, without materialising the logits: a 0-dim fp32 loss, the mean over the
+        counted targets (reduction="mean") or their sum ("sum").
         """
+        if targets is not None and (input_pos is not None or last_only):
+            raise ValueError("targets score the whole sequence: drop input_pos / last_only")
         B, T = input_ids.shape
         if input_pos is None:
             if T > self.config.n_positions:
@@ -190,13 +258,27 @@ class GPT(nn.Module):
             if self.transformer.h[0].attn.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call setup_caches(max_batch, max_len) first")
             pos = input_pos
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, input_pos, cache_seqlens)
         if last_only:
             x = x[:, -1:]
         x = self.transformer.ln_f(x)
+        if targets is not None:  # tied head + loss, chunked over the tokens
+            return self.transformer.wte.loss(x, targets, reduction=reduction)
         return self.transformer.wte.logits(x)  # tied head, (B, T, V)
+
+    def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor, paged: PagedBatch,
+                       logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The engine's forward: one packed ragged batch, no padding. input_ids, positions (N,); keys and
+        values go into each layer's kv_pages as ``paged`` says. Returns logits (R, V) of the tokens
+        logits_rows (R,), or of every token when None."""
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (N, C)
+        for block in self.transformer.h:
+            x = block(x, paged=paged)
+        if logits_rows is not None:
+            x = x[logits_rows]
+        return self.transformer.wte.logits(self.transformer.ln_f(x))  # (R, V)
 
     # ------------------------------------------------------------------------------------- generation
     def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:

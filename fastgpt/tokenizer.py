@@ -80,6 +80,10 @@ class Tokenizer:
             ids = ids.tolist()
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def decode_batch(self, batch) -> list[str]:
+        """decode of each list of ids, in one call (the engine detokenises every sequence of a step)."""
+        return self._tok.decode_batch([list(ids) for ids in batch], skip_special_tokens=False)
+
 
 def _gpt2_pipeline(model) -> _HFTokenizer:
     """GPT-2's byte-level pipeline: its split regex, no prefix space, byte-level decoding."""

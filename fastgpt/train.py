@@ -20,13 +20,18 @@ batch x grad-accum x world windows are drawn as one global batch and split, so N
 train as one process with grad-accum N x A. Rank 0 logs, tokenises and writes the checkpoints (FSDP:
 every rank writes its optimizer shard with torch.distributed.checkpoint); a resume needs the same world size.
 
-Gradients: the Triton kernels are forward-only for now. ``kernels`` sends every call that autograd must
-see to the reference PyTorch ops, so training runs those on every device (on CUDA, under bf16 autocast);
-validation, which needs no gradients, runs the kernels on a GPU.
+Ops: the model calls ``kernels``, which dispatches by device. On CUDA a step runs fastgpt's Triton
+kernels forward and backward (bf16 autocast, fp32 master weights), and the loss comes from
+``model(x, targets=y)``: the fused linear cross-entropy, which never materialises the logits. On a CPU
+the same calls take the PyTorch reference ops (the loss still chunked). ``--reference-ops`` runs the
+plain PyTorch path on every device instead (SDPA attention, materialised logits + F.cross_entropy), for
+comparison; the run's log says which path it is on. Dropout (``--dropout``) is GPT-2's resid_pdrop and
+embd_pdrop; attention dropout is not supported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -41,8 +46,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 
+import kernels
 from fastgpt import data as datalib
 from fastgpt import parallel
 
@@ -81,6 +86,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
+    dropout: float = 0.0  # resid_pdrop and embd_pdrop of the run (also over a checkpoint's own values)
+    reference_ops: bool = False  # the plain PyTorch path (kernels.reference_ops) instead of the kernels
     # bookkeeping
     val_fraction: float = 0.05
     eval_interval: int = 100
@@ -116,6 +123,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.vocab_size < 257:
             raise ValueError(f"vocab_size must be >= 257 (256 byte tokens + <|endoftext|>), got {self.vocab_size}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         from fastgpt.load import parse_dtype
@@ -156,17 +165,27 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
 
 
 def loss_sum_and_count(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the targets that count (not IGNORE_INDEX), and their number."""
-    logits = model(x)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
-                           ignore_index=datalib.IGNORE_INDEX, reduction="sum")
+    """Summed next-token cross-entropy over the targets that count (not IGNORE_INDEX), and their number.
+    The model computes it from its last hidden states (kernels.linear_cross_entropy, whose default
+    ignore_index is IGNORE_INDEX, -100): no logits tensor."""
+    loss = model(x, targets=y, reduction="sum")
     return loss, int((y != datalib.IGNORE_INDEX).sum())
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs (fp32 master weights and optimizer state); fp32 on CPU. The fused ops take
-    the bf16 activations beside the fp32 residual stream (mixed dtypes go to the reference ops)."""
+    """bf16 autocast on GPUs (fp32 master weights and optimizer state); fp32 on CPU. The fused ops cast
+    for autocast themselves (bf16 GEMMs, fp32 statistics, the residual stream kept fp32)."""
     return torch.bfloat16 if device.type == "cuda" else None
+
+
+def ops_path(device: torch.device, reference_ops: bool) -> str:
+    """Which implementation a training step runs, for the log."""
+    if reference_ops:
+        return "the PyTorch reference ops (--reference-ops: SDPA attention, materialised logits + F.cross_entropy)"
+    if kernels.uses_triton(torch.empty(0, device=device)):
+        return ("fastgpt's Triton kernels, forward and backward (layer_norm, gelu_mlp, linear_cross_entropy; "
+                "an op without a backward kernel takes PyTorch, see kernels' docstring)")
+    return "the PyTorch reference ops (CPU), the loss through the chunked linear cross-entropy"
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -493,6 +512,10 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
     if block_size > model.config.n_positions:
         raise ValueError(f"block_size {block_size} exceeds the model's context length {model.config.n_positions}")
 
+    if model.config.attn_pdrop > 0:
+        log(f"the checkpoint's attn_pdrop={model.config.attn_pdrop} is ignored: fastgpt has no attention dropout")
+    model.set_dropout(config.dropout, config.dropout)  # before DDP / FSDP wrap the model
+
     if world.size > 1 and state is None:  # dropout draws differ across ranks, as across one process's micro-steps
         torch.manual_seed(config.seed + 1_000_003 * world.rank)
     sharded = config.fsdp and world.size > 1  # the optimizer state lives in shards, saved by every rank
@@ -519,10 +542,11 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
     amp_dtype = autocast_dtype(device)
     precision = "bf16 autocast" if amp_dtype is not None else "fp32"
     log(f"model: {n_params / 1e6:.2f}M parameters, {model.config.n_layer} layers, {model.config.n_head} heads, "
-        f"width {model.config.n_embd}, context {model.config.n_positions}, vocab {model.config.vocab_size}")
+        f"width {model.config.n_embd}, context {model.config.n_positions}, vocab {model.config.vocab_size}"
+        + (f", dropout {config.dropout:g}" if config.dropout else ""))
     ranks = f" x {world.size} ranks ({'FSDP2' if config.fsdp else 'DDP'})" if world.size > 1 else ""
-    log(f"training on {device}{ranks} in {precision}; training and validation run the reference PyTorch ops "
-        f"(the Triton kernels are forward-only and leave autocast to PyTorch)")
+    log(f"training on {device}{ranks} in {precision} with {ops_path(device, config.reference_ops)}")
+    ops = kernels.reference_ops if config.reference_ops else contextlib.nullcontext
     tokens_per_step = config.batch_size * config.grad_accum * world.size * block_size
     log(f"{config.max_steps} steps of {tokens_per_step:,} tokens (batch {config.batch_size} x accum "
         f"{config.grad_accum}{f' x {world.size} ranks' if world.size > 1 else ''} x block {block_size}), "
@@ -531,10 +555,10 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
     def run_eval():
         kw = dict(batch_size=config.batch_size, block_size=block_size, iters=config.eval_iters,
                   seed=EVAL_SEED, device=device, amp_dtype=amp_dtype, world=world)
-        record = {"step": step,
-                  "train_loss": evaluate(model, data["train"], data["train_mask"], **kw)}
-        if data["val"] is not None:
-            record["val_loss"] = evaluate(model, data["val"], data["val_mask"], **kw)
+        with ops():
+            record = {"step": step, "train_loss": evaluate(model, data["train"], data["train_mask"], **kw)}
+            if data["val"] is not None:
+                record["val_loss"] = evaluate(model, data["val"], data["val_mask"], **kw)
             record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
         evals.append(record)
         val = (f", val loss {record['val_loss']:.4f}, val ppl {record['val_ppl']:.2f}"
@@ -577,7 +601,7 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
         for micro, (x, y) in enumerate(parallel.local_micro_batches(*batch, world, config.grad_accum)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with parallel.gradient_sync(train_model, enabled=micro == config.grad_accum - 1):
-                with _autocast(device, amp_dtype):
+                with ops(), _autocast(device, amp_dtype):
                     loss_sum, count = loss_sum_and_count(train_model, x, y)
                 loss = loss_sum / max(count, 1)
                 (loss / config.grad_accum).backward()
@@ -663,6 +687,12 @@ def add_arguments(p) -> None:
     o.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     o.add_argument("--weight-decay", type=float, default=d.weight_decay)
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
+    o.add_argument("--dropout", type=float, default=d.dropout,
+                   help="GPT-2's resid_pdrop and embd_pdrop for this run (default 0; attention dropout is not "
+                        "supported)")
+    o.add_argument("--reference-ops", action="store_true",
+                   help="run the plain PyTorch ops (SDPA attention, materialised logits) instead of fastgpt's "
+                        "kernels, for comparison")
     b = p.add_argument_group("bookkeeping")
     b.add_argument("--eval-interval", type=int, default=d.eval_interval,
                    help="steps between validations (0 = at the end only)")

@@ -4,12 +4,25 @@ Every op here validates its inputs once, with an error that names the argument, 
 
 * CUDA tensor                       -> the Triton kernel;
 * CPU tensor                        -> ``kernels.reference`` (plain PyTorch);
-* CPU tensor, ``TRITON_INTERPRET=1`` -> the same Triton kernel, run by Triton's interpreter.
+* CPU tensor, ``TRITON_INTERPRET=1`` -> the same Triton kernel, run by Triton's interpreter;
+* inside ``with kernels.reference_ops():`` -> ``kernels.reference`` on every device (the PyTorch path
+  that ``fastgpt train --reference-ops`` and the benchmarks compare the kernels with).
 
 The environment variable is read at call time, so a test can flip between the interpreter and the
 reference inside one process (the ``@triton.jit`` functions themselves are made interpretable when the
-variable is set before Triton is imported). Callers never choose a backend. Calls that autograd must
-differentiate, and calls under autocast, take the reference: the kernels are forward-only for now.
+variable is set before Triton is imported). Callers never choose a backend.
+
+Training. ``flash_attention``, ``layer_norm``, ``gelu_mlp`` and ``linear_cross_entropy`` have backward
+kernels: a call that autograd records runs the Triton forward through a ``torch.autograd.Function``
+whose backward runs the Triton backward. Under autocast they cast for themselves, as autocast would for
+a matmul: attention's q, k, v and ``gelu_mlp``'s and ``linear_cross_entropy``'s x and weights go to the
+autocast dtype for the GEMMs; statistics, softmax and accumulation stay fp32; gradients come back in each
+input's own dtype (fp32 master weights get fp32 gradients). ``layer_norm`` under autocast keeps
+h = x + residual in the promoted dtype (the fp32 residual stream) and returns y in the autocast dtype:
+y only ever feeds a matmul, which would cast it there. The decode and paged attention ops are for
+inference and have no backward: a call autograd must see, or one under autocast, takes the reference.
+``linear_cross_entropy`` on a CPU without the interpreter runs its chunked PyTorch path (the logits
+never exist whole there either); its reference is the materialised F.cross_entropy(x @ weight.T).
 
 The package needs only torch and triton, so it can be used on its own by people who benchmark kernels.
 """
@@ -17,6 +30,7 @@ The package needs only torch and triton, so it can be used on its own by people 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 
 import torch
@@ -27,6 +41,7 @@ import torch.nn.functional as F
 # their op's name (kernels/layer_norm.py vs kernels.layer_norm). Loaded now, the defs below win, and a
 # later `import kernels.layer_norm` (tests, benchmarks) finds the module in sys.modules and rebinds nothing.
 from kernels import attention as _attention
+from kernels import cross_entropy as _cross_entropy
 from kernels import decode_attention as _decode_attention
 from kernels import gelu_mlp as _gelu_mlp
 from kernels import layer_norm as _layer_norm
@@ -34,30 +49,58 @@ from kernels import paged_attention as _paged_attention
 from kernels import reference
 
 __all__ = ["flash_attention", "decode_attention", "paged_decode_attention", "paged_prefill_attention",
-           "paged_kv_write", "layer_norm", "gelu_mlp", "linear", "reference", "uses_triton"]
+           "paged_kv_write", "layer_norm", "gelu_mlp", "linear", "linear_cross_entropy", "reference",
+           "reference_ops", "uses_triton"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 
 
+_REFERENCE_ONLY = contextvars.ContextVar("kernels_reference_only", default=False)
+
+
+@contextlib.contextmanager
+def reference_ops():
+    """Inside this block every op runs kernels.reference, on every device (scoped like torch.no_grad)."""
+    token = _REFERENCE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE_ONLY.reset(token)
+
+
 def uses_triton(t: torch.Tensor) -> bool:
     """True when an op given this tensor runs a Triton kernel (GPU, or CPU under the interpreter)."""
+    if _REFERENCE_ONLY.get():
+        return False
     if t.is_cuda:
         return True
     return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _dispatch_to_triton(*tensors) -> bool:
-    """Triton for the device, unless
-    - autograd must see the op: the kernels are forward-only for now, so a call that records a graph
-      (training) takes the differentiable reference instead;
+def _dispatch_to_triton(*tensors, trainable: bool = False) -> bool:
+    """Triton for the device. An op without a backward kernel (trainable=False) still takes the
+    reference when
+    - autograd must see the call: the differentiable reference then records it;
     - autocast is on: its casting rules (bf16 matmuls beside an fp32 residual stream) belong to the
-      PyTorch ops, and the kernels would otherwise run fp32 GEMMs without tensor cores."""
+      PyTorch ops, and the kernels would otherwise run fp32 GEMMs without tensor cores.
+    Trainable ops have their autograd.Function and cast for autocast themselves (_compute_dtype)."""
     if not uses_triton(tensors[0]):
         return False
+    if trainable:
+        return True
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False
     return not torch.is_autocast_enabled(tensors[0].device.type)
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul with t in, or None: autocast is off on t's device, or t is
+    float64, which autocast leaves alone."""
+    device_type = t.device.type
+    if t.dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def _launch_device(t: torch.Tensor):
@@ -99,7 +142,9 @@ def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = 
 
     q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tq <= Tk; any strides (views of a fused qkv are fine).
     The causal mask is aligned bottom-right: query i sees keys j <= i + Tk - Tq.
-    softmax_scale defaults to D ** -0.5. Returns o: (B, H, Tq, D), dtype of q.
+    softmax_scale defaults to D ** -0.5. Returns o: (B, H, Tq, D), dtype of q (autocast's dtype under
+    autocast). Differentiable on every path; the Triton backward writes the gradients of q, k, v views
+    of one fused (B, T, 3, H, D) tensor straight into that tensor's gradient.
     """
     _check_tensor("q", q, 4)
     _check_tensor("k", k, 4)
@@ -116,9 +161,15 @@ def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = 
     if Tq > Tk:
         raise ValueError(f"q has more positions (Tq={Tq}) than k/v (Tk={Tk}); Tq <= Tk is required")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
-    if _dispatch_to_triton(q, k, v):
+    # Unlike _dispatch_to_triton, neither autograd nor autocast sends this op to the reference: the
+    # kernel has a backward, and under autocast q, k, v are cast as autocast casts a matmul's inputs
+    # (softmax statistics and accumulation stay fp32 inside the kernels).
+    if uses_triton(q):
+        if torch.is_autocast_enabled(q.device.type):
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = (t.to(dtype) for t in (q, k, v))  # no copy when already that dtype
         with _launch_device(q):
-            return _attention.flash_attention_fwd(q, k, v, causal=bool(causal), softmax_scale=scale)
+            return _attention.flash_attention(q, k, v, causal=bool(causal), softmax_scale=scale)
     return reference.flash_attention(q, k, v, causal=causal, softmax_scale=scale)
 
 
@@ -154,10 +205,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | 
 def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
     """LayerNorm over the last dim, optionally fused with the residual add before it.
 
-    x: (..., N); weight, bias: (N,); residual: None or the shape of x.
+    x: (..., N); weight, bias: (N,); residual: None or the shape of x, any float dtype.
     Returns y = LayerNorm(x) or, with residual, (y, h) where h = x + residual and y = LayerNorm(h);
-    statistics in fp32, outputs in x's dtype. A residual of another dtype (autocast: bf16 branch, fp32
-    stream) is promoted as PyTorch would, on the reference path.
+    statistics in fp32. h has the promoted dtype of x and residual (as x + residual would); y has h's
+    dtype, or under autocast the autocast dtype (it feeds a matmul). Differentiable on every path.
     """
     _check_tensor("x", x)
     if x.dim() == 0:
@@ -173,67 +224,126 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
         _check_shape("residual", residual, tuple(x.shape))
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    if _dispatch_to_triton(x, weight, bias, residual) and (residual is None or residual.dtype == x.dtype):
+    out_dtype = _autocast_dtype(x)
+    if _dispatch_to_triton(x, weight, bias, residual, trainable=True):
         with _launch_device(x):
-            return _layer_norm.layer_norm_fwd(x, weight, bias, eps=float(eps), residual=residual)
-    return reference.layer_norm(x, weight, bias, eps=eps, residual=residual)
+            return _layer_norm.fused_layer_norm(x, weight, bias, eps=float(eps), residual=residual,
+                                                out_dtype=out_dtype)
+    out = reference.layer_norm(x, weight, bias, eps=eps, residual=residual)
+    if out_dtype is None:
+        return out
+    return out.to(out_dtype) if residual is None else (out[0].to(out_dtype), out[1])
 
 
-def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> torch.Tensor:
-    """GPT-2's MLP: gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias (+ residual).
+def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None, dropout_p: float = 0.0) -> torch.Tensor:
+    """GPT-2's MLP: dropout(gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias) (+ residual).
 
     x: (..., C); fc_weight: (F, C); fc_bias: (F,); proj_weight: (C_out, F); proj_bias: (C_out,);
-    residual: None or (..., C_out). nn.Linear layouts. Returns (..., C_out) in x's dtype; a residual of
-    another dtype (autocast) is promoted as PyTorch would, on the reference path.
+    residual: None or (..., C_out), any float dtype. nn.Linear layouts; the weights and biases have x's
+    dtype, except under autocast, where x and the weights are cast to the autocast dtype. dropout_p:
+    training dropout on the branch, before the residual add (Triton: Philox in the GEMM's epilogue; the
+    reference: F.dropout). Returns (..., C_out) in x's dtype (under autocast: the autocast dtype),
+    promoted with the residual's dtype when there is one. Differentiable on every path.
     """
     _check_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension")
+    autocast_dtype = _autocast_dtype(x)
+    same_dtype = autocast_dtype is None  # under autocast the op casts for itself, as autocast would
     C = x.shape[-1]
     _check_tensor("fc_weight", fc_weight, 2)
-    _check_same("fc_weight", fc_weight, "x", x)
+    _check_same("fc_weight", fc_weight, "x", x, dtype=same_dtype)
     Fh = fc_weight.shape[0]
     _check_shape("fc_weight", fc_weight, (Fh, C))
     _check_tensor("fc_bias", fc_bias, 1)
-    _check_same("fc_bias", fc_bias, "x", x)
+    _check_same("fc_bias", fc_bias, "x", x, dtype=same_dtype)
     _check_shape("fc_bias", fc_bias, (Fh,))
     _check_tensor("proj_weight", proj_weight, 2)
-    _check_same("proj_weight", proj_weight, "x", x)
+    _check_same("proj_weight", proj_weight, "x", x, dtype=same_dtype)
     C_out = proj_weight.shape[0]
     _check_shape("proj_weight", proj_weight, (C_out, Fh))
     _check_tensor("proj_bias", proj_bias, 1)
-    _check_same("proj_bias", proj_bias, "x", x)
+    _check_same("proj_bias", proj_bias, "x", x, dtype=same_dtype)
     _check_shape("proj_bias", proj_bias, (C_out,))
     if residual is not None:
         _check_tensor("residual", residual)
         _check_same("residual", residual, "x", x, dtype=False)
         _check_shape("residual", residual, tuple(x.shape[:-1]) + (C_out,))
-    if (_dispatch_to_triton(x, fc_weight, fc_bias, proj_weight, proj_bias, residual)
-            and (residual is None or residual.dtype == x.dtype)):
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if _dispatch_to_triton(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, trainable=True):
         with _launch_device(x):
-            return _gelu_mlp.gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)
-    return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual)
+            return _gelu_mlp.fused_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual,
+                                            dropout_p=float(dropout_p), compute_dtype=autocast_dtype or x.dtype)
+    return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual, dropout_p=dropout_p)
+
+
+def linear_cross_entropy(x, weight, targets, ignore_index: int = -100, reduction: str = "mean",
+                         chunk_size: int | None = None) -> torch.Tensor:
+    """Cross-entropy of the logits x @ weight.T against targets, never holding all (N, V) logits at once.
+
+    x: (..., C); weight: (V, C) (nn.Linear layout, e.g. a tied embedding), x's dtype outside autocast;
+    targets: int64 of x's leading shape, each in [0, V) or ignore_index (such rows count for nothing).
+    reduction: "mean" over the counted targets (NaN when none counts, as F.cross_entropy) or "sum".
+    chunk_size: tokens per chunk (default: about 2^26 logits per chunk). Under autocast x and weight are
+    cast to the autocast dtype for the GEMMs; softmax and the weight's gradient accumulate in fp32.
+    Returns a 0-dim fp32 loss, differentiable in x and weight. On CUDA an out-of-range target makes the
+    loss NaN (checking would cost a host sync); on a CPU it raises.
+    """
+    _check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    autocast_dtype = _autocast_dtype(x)
+    C = x.shape[-1]
+    _check_tensor("weight", weight, 2)
+    _check_same("weight", weight, "x", x, dtype=autocast_dtype is None)
+    V = weight.shape[0]
+    _check_shape("weight", weight, (V, C))
+    if V == 0:
+        raise ValueError("weight has no rows: the vocabulary is empty")
+    _check_tensor("targets", targets, dtypes=(torch.int64,))
+    _check_same("targets", targets, "x", x, dtype=False)
+    _check_shape("targets", targets, tuple(x.shape[:-1]))
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if _REFERENCE_ONLY.get():
+        return reference.linear_cross_entropy(x, weight, targets, ignore_index=ignore_index, reduction=reduction)
+    x2, t2 = x.reshape(-1, C), targets.reshape(-1)
+    kw = dict(ignore_index=int(ignore_index), reduction=reduction, compute_dtype=autocast_dtype or x.dtype,
+              chunk_size=None if chunk_size is None else int(chunk_size))
+    if uses_triton(x):
+        with _launch_device(x):
+            return _cross_entropy.fused_linear_cross_entropy(x2, weight, t2, backend="triton", **kw)
+    bad = (t2 != ignore_index) & ((t2 < 0) | (t2 >= V))
+    if bool(bad.any()):
+        raise ValueError(f"targets hold {int(t2[bad][0])}, outside [0, {V}) and not ignore_index={ignore_index}")
+    return _cross_entropy.fused_linear_cross_entropy(x2, weight, t2, backend="torch", **kw)
 
 
 def linear(x, weight, bias=None) -> torch.Tensor:
     """x @ weight.T + bias: the model's plain projections (attention in and out, the tied head).
 
     x: (..., in); weight: (out, in), stored either way (a transposed view of an (in, out) tensor is fine);
-    bias: None or (out,). Returns (..., out) in x's dtype. There is no Triton kernel: on CUDA this is
+    bias: None or (out,). Returns (..., out) in x's dtype, or under autocast in the autocast dtype (the
+    operands may then differ in dtype, as for F.linear). There is no Triton kernel: on CUDA this is
     F.linear (cuBLAS; the fused epilogues that Triton earns its keep with are in gelu_mlp), on a CPU
     kernels.reference.linear, which splits a decode step's few-row product across the CPU threads.
+    Differentiable.
     """
     _check_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension")
+    same_dtype = _autocast_dtype(x) is None
     _check_tensor("weight", weight, 2)
-    _check_same("weight", weight, "x", x)
+    _check_same("weight", weight, "x", x, dtype=same_dtype)
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight must have shape (out, {x.shape[-1]}) for x of shape {tuple(x.shape)}, "
                          f"got {tuple(weight.shape)}")
     if bias is not None:
         _check_tensor("bias", bias, 1)
-        _check_same("bias", bias, "x", x)
+        _check_same("bias", bias, "x", x, dtype=same_dtype)
         _check_shape("bias", bias, (weight.shape[0],))
     if x.is_cuda:
         return F.linear(x, weight, bias)

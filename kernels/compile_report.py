@@ -23,7 +23,7 @@ import sys
 import tempfile
 from typing import Any
 
-OP_MODULES = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp")
+OP_MODULES = ("attention", "decode_attention", "paged_attention", "layer_norm", "gelu_mlp", "cross_entropy")
 
 
 @dataclasses.dataclass

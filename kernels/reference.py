@@ -86,15 +86,18 @@ _MKL = None  # torch.backends.mkl.is_available(), looked up on first use
 def linear_plan(x, weight, bias=None) -> tuple[str, int]:
     """How ``linear`` computes this product: ("split-k", S), ("split-rows", S) or ("f.linear", 1).
 
-    A split needs: a CPU with more than one intra-op thread; fp32 throughout (the float64 truth keeps
-    F.linear); a weight of at least SPLIT_MIN_WEIGHT elements whose blocks are contiguous, i.e. stored
-    (in, out) for split-K (up to SPLIT_MAX_ROWS rows) or (out, in) for split-rows (one row); nothing
-    autograd must see; and MKL, whose batched GEMM runs the blocks on separate threads (without it
-    torch.bmm loops over them on one thread, and F.linear is better). S is the greatest common divisor
-    of the thread count and the split dimension (2 for gpt2 on 2 threads), so the blocks are equal."""
+    A split needs: a CPU with more than one intra-op thread; fp32 throughout and no autocast (the float64
+    truth and autocast's casts keep F.linear); a weight of at least SPLIT_MIN_WEIGHT elements whose
+    blocks are contiguous, i.e. stored (in, out) for split-K (up to SPLIT_MAX_ROWS rows) or (out, in) for
+    split-rows (one row); nothing autograd must see; and MKL, whose batched GEMM runs the blocks on
+    separate threads (without it torch.bmm loops over them on one thread, and F.linear is better). S is
+    the greatest common divisor of the thread count and the split dimension (2 for gpt2 on 2 threads),
+    so the blocks are equal."""
     global _MKL
     plain = ("f.linear", 1)
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return plain
+    if torch.is_autocast_enabled("cpu"):  # F.linear casts as autocast says; bmm's partial sums would not
         return plain
     out_features, in_features = weight.shape
     rows = x.numel() // max(in_features, 1)
@@ -154,10 +157,21 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None) -> torch.Tensor:
-    """gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias (+ residual)."""
+def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None, dropout_p: float = 0.0) -> torch.Tensor:
+    """dropout(gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias) (+ residual)."""
     y = linear(gelu_tanh(linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
+    if dropout_p > 0:
+        y = F.dropout(y, dropout_p, training=True)
     return y if residual is None else y + residual
+
+
+def linear_cross_entropy(x, weight, targets, ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """F.cross_entropy(x @ weight.T, targets): the (N, V) logits materialised, the softmax in fp32 at least.
+
+    x (..., C), weight (V, C), targets (...) int64 -> a 0-dim loss (mean over the counted rows, or sum)."""
+    logits = F.linear(x.reshape(-1, x.shape[-1]), weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=ignore_index, reduction=reduction)
 
 
 # ------------------------------------------------------------------------------- paged KV cache (engine)

@@ -128,3 +128,41 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def grad_errors(ours, peer, tensors: dict, seed: int = 0) -> tuple[dict, dict]:
+    """Gradients of ours(**tensors) and of peer(**tensors) (PyTorch's autograd in the same dtype), each
+    against peer(**float64 copies): ({name: max |g - g64| / max |g64|} for ours, the same for peer).
+
+    Every tensor that requires grad is a leaf of all three runs. Each output gets the same seeded random
+    gradient, rounded to that output's dtype (the float64 run uses the rounded values), so the errors
+    measure the backward alone. Outputs may be a tensor or a tuple of tensors.
+    """
+    def run(fn, upcast):
+        leaves = {k: (v.detach().double() if upcast else v.detach()).requires_grad_(v.requires_grad)
+                  if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in tensors.items()}
+        out = fn(**leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        gen = torch.Generator().manual_seed(seed)
+        grads = [torch.randn(o.shape, generator=gen).to(o.device) for o in outs]
+        dtypes = dtypes_seen.setdefault("outs", [o.dtype for o in outs])
+        grads = [g.to(dt).to(o.dtype) for g, dt, o in zip(grads, dtypes, outs)]
+        torch.autograd.backward(outs, grads)
+        return {k: leaves[k].grad for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+
+    dtypes_seen: dict = {}
+    g_ours = run(ours, upcast=False)
+    g_peer = run(peer, upcast=False)
+    g64 = run(peer, upcast=True)
+    for k, g in g_ours.items():
+        assert g is not None, f"no gradient for {k}"
+        assert g.dtype == tensors[k].dtype, f"d{k} has dtype {g.dtype}, {k} has {tensors[k].dtype}"
+    return ({k: max_rel_err(g_ours[k], g64[k]) for k in g_ours}, {k: max_rel_err(g_peer[k], g64[k]) for k in g_peer})
+
+
+def assert_grads_within(ours: dict, peer: dict, dtype: torch.dtype, factor: float = 3.0) -> None:
+    """FlashAttention's rule: each gradient's error at most `factor` x PyTorch's own same-dtype error, or
+    one rounding of the dtype (its unit roundoff) where PyTorch happens to be exact."""
+    floor = torch.finfo(dtype).eps / 2
+    bad = {k: (f"{ours[k]:.3g}", f"{peer[k]:.3g}") for k in ours if not ours[k] <= max(factor * peer[k], floor)}
+    assert not bad, f"gradient errors (ours, PyTorch's) above {factor}x PyTorch's: {bad}"

@@ -79,7 +79,7 @@ def test_bench_smoke_run_writes_json_and_plots(tmp_path, capsys):
     pngs = sorted(os.listdir(plot_dir))
     assert pngs == sorted(["attention.png", "decode-attention.png", "layer-norm.png", "gelu-mlp.png", "generate.png",
                            "paged-decode-attention.png", "paged-prefill-attention.png", "paged-kv-write.png",
-                           "cpu-decode.png"])
+                           "cross-entropy.png", "cpu-decode.png"])
     for name in pngs:
         _assert_png(plot_dir / name)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # atomic writes left no temp files
@@ -95,7 +95,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     _assert_environment_fields(doc)
     parity = [r for r in doc["rows"] if r["kind"] == "parity"]
     assert len(parity) == 2 and all(r["ok"] and r["max_err"] < r["tol"] for r in parity)  # fastgpt's GPT, patched HF
-    assert {"kernel", "generate", "decode_position", "patch"} <= {r["kind"] for r in doc["rows"]}
+    assert {"kernel", "generate", "decode_position", "patch", "train"} <= {r["kind"] for r in doc["rows"]}
     assert "Model-level parity" in (tmp_path / "results.md").read_text()
     _assert_png(tmp_path / "generate.png")
     assert "all checks passed" in out
@@ -129,6 +129,9 @@ def test_gpu_check_reports_each_failing_op_and_keeps_going(monkeypatch):
                         _fake_suite("d", check=check_raising_on_bf16))
     monkeypatch.setitem(sys.modules, "benchmarks.bench_layer_norm", None)  # import fails: the suite is missing
     monkeypatch.setitem(sys.modules, "benchmarks.bench_gelu_mlp", _fake_suite("g", check=wrong_check))
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_cross_entropy",
+                        _fake_suite("c", check=lambda device, dtypes: [{**r, "op": "cross_entropy"}
+                                                                     for r in good_check(device, dtypes)]))
     rows = gpu_check.run_checks("cuda", [torch.bfloat16, torch.float16])
 
     by_op = {}
@@ -155,15 +158,58 @@ def test_bench_kernel_suites_missing_or_failing_are_reported(monkeypatch):
     monkeypatch.setitem(sys.modules, "benchmarks.bench_layer_norm", _fake_suite("l", run=failing_run))
     monkeypatch.setitem(sys.modules, "benchmarks.bench_gelu_mlp", None)
     monkeypatch.setitem(sys.modules, "benchmarks.bench_paged_attention", None)
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_cross_entropy", None)
     notes, errors = [], []
     ceilings = {"copy_gbs": 1000.0, "matmul_tflops": 500.0}
     rows = bench_kernels.run_kernel_suites("cuda", [torch.bfloat16], True, ceilings, notes, errors)
 
     assert len(rows) == 1 and rows[0]["kind"] == "kernel" and rows[0]["backend"] == "triton"
     assert rows[0]["speedup"] == pytest.approx(2.0) and rows[0]["pct_ceiling"] == pytest.approx(100 * 2 / 500)
-    assert sum("not available" in n for n in notes) == 3
-    assert all(any(op in n for n in notes) for op in ("decode_attention", "gelu_mlp", "paged_attention"))
+    assert sum("not available" in n for n in notes) == 4
+    assert all(any(op in n for n in notes) for op in ("decode_attention", "gelu_mlp", "paged_attention", "cross_entropy"))
     assert errors == ["layer_norm: FAILED: ValueError: out of shared memory"]
+
+
+def test_bench_train_smoke_runs_every_path_on_the_same_weights_and_data(tmp_path, capsys):
+    json_path = tmp_path / "train.json"
+    assert main(["bench", "train", "--smoke", "--device", "cpu", "--json", str(json_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Training step (forward + backward + AdamW)" in out
+    rows = {r["path"]: r for r in json.loads(json_path.read_text())["rows"] if r["kind"] == "train"}
+    assert set(rows) == {"fused", "reference", "transformers"}
+    for r in rows.values():
+        assert r["step_ms"] > 0 and r["tokens_per_s"] == pytest.approx(r["batch"] * r["seq"] / (r["step_ms"] * 1e-3))
+    # the same initial weights and windows: the first step's losses agree (transformers scores T - 1 targets)
+    assert rows["fused"]["first_loss"] == pytest.approx(rows["reference"]["first_loss"], rel=1e-5)
+    assert rows["transformers"]["first_loss"] == pytest.approx(rows["reference"]["first_loss"], rel=0.05)
+    assert rows["reference"]["vs_reference"] == pytest.approx(1.0)
+
+
+def test_train_goals_are_judged_from_the_gpt2_rows():
+    from benchmarks import bench_train
+
+    def row(path, tok, peak):
+        return {"kind": "train", "model": "gpt2", "batch": 8, "seq": 1024, "dtype": "bf16 autocast", "path": path,
+                "tokens_per_s": tok, "peak_gb": peak}
+
+    rows = bench_train._with_ratios([row("fused", 300.0, 5.0), row("reference", 180.0, 10.0),
+                                     row("transformers", 250.0, 11.0)])
+    got = {g["goal"].split(": ", 1)[1]: (g["measured"], g["ok"]) for g in bench_train.goals(rows)}
+    assert got["tokens/s >= 1.5x the reference path"] == (pytest.approx(300 / 180), True)
+    assert got["tokens/s >= 1.3x transformers (SDPA)"] == (pytest.approx(1.2), False)
+    assert got["peak memory <= 60% of the reference path"] == (pytest.approx(0.5), True)
+    assert bench_train.goals([r for r in rows if r["path"] != "fused"]) == []
+
+
+def test_cross_entropy_cpu_memory_is_measured_per_process():
+    """The plumbing of the CPU peak-memory benchmark, at a small size (the claim itself is the benchmark's
+    N = 8192, V = 50257, C = 768 run)."""
+    from benchmarks import bench_cross_entropy
+
+    result = bench_cross_entropy.cpu_memory(N=2048, V=20000, C=64)
+    for variant in ("fused", "materialised"):
+        assert result[variant]["growth_mb"] > 0 and result[variant]["peak_rss_mb"] > result[variant]["rss_before_mb"]
+    assert result["ratio"] < 1, result  # the materialised (2048, 20000) fp32 logits alone are 160 MB
 
 
 def test_transformers_peer_holds_the_same_weights(reference_path):
@@ -333,3 +379,14 @@ def test_cpu_matvec_table_covers_every_candidate():
     assert result["load_avg_before"] and result["device_name"] and result["date"]
     table = bench_cpu_matvec.format_table(result)
     assert "load average" in table and "kernels.linear" in table
+
+
+def test_bench_engine_smoke_through_the_cli(tmp_path, capsys):
+    """`fastgpt bench engine` (a suite outside `all`): its rows, speedup notes and plot."""
+    pytest.importorskip("transformers")
+    rc = main(["bench", "engine", "--smoke", "--device", "cpu", "--plot", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Engine: continuous batching" in out and "fastgpt engine vs transformers static" in out
+    assert "engine: 4 requests" in out
+    _assert_png(tmp_path / "engine.png")

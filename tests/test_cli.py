@@ -128,9 +128,54 @@ def test_missing_prompt_and_missing_subcommand(reference_path, capsys, model_dir
     _assert_one_line_error(*run_main(capsys, []))
 
 
-def test_prompt_that_encodes_to_nothing(reference_path, capsys, model_dir):
-    code, out, err = run_cli(capsys, "--model", str(model_dir), "--prompt", "", "--device", "cpu")
-    _assert_one_line_error(code, out, err, "--prompt encodes to no tokens")
+def test_empty_prompt_starts_from_endoftext(reference_path, capsys, model_dir):
+    code, out, err = run_cli(capsys, "--model", str(model_dir), "--prompt", "", "--device", "cpu",
+                             "--temperature", "0", "--max-new-tokens", "12")
+    assert code == 0, err
+    tok, model = Tokenizer.from_pretrained(model_dir), GPT.from_pretrained(model_dir)
+    new = model.generate(torch.tensor([[tok.eos_token_id]]), 12, eos_token_id=tok.eos_token_id)[0, 1:].tolist()
+    if tok.eos_token_id in new:
+        new = new[:new.index(tok.eos_token_id)]
+    assert out == tok.decode(new) + "\n"
+
+
+def _greedy_text(model_dir, prompt, n=20):
+    tok, model = Tokenizer.from_pretrained(model_dir), GPT.from_pretrained(model_dir)
+    ids = torch.tensor([tok.encode(prompt)])
+    new = model.generate(ids, n, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    if tok.eos_token_id in new:
+        new = new[:new.index(tok.eos_token_id)]
+    return prompt + tok.decode(new)
+
+
+def test_several_prompts_run_together_and_print_in_order(reference_path, capsys, model_dir, tmp_path):
+    prompts = ["The quick fox", "Once upon", "def forward(self"]
+    file = tmp_path / "prompts.txt"
+    file.write_text(prompts[1] + "\n\n" + prompts[2] + "\n", encoding="utf-8")
+    code, out, err = run_cli(capsys, "--model", str(model_dir), "--device", "cpu", "--max-new-tokens", "20",
+                             "--temperature", "0", "--prompt", prompts[0], "--prompts-file", str(file))
+    assert code == 0, err
+    assert out == "\n".join(_greedy_text(model_dir, p) + "\n" for p in prompts)  # plain when piped
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "3 prompts" in lines[0] and "tokens/s" in lines[0]
+
+
+def test_prompt_is_shown_distinctly_on_a_terminal(reference_path, capsys, model_dir, monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, err = run_cli(capsys, *_gen_args(model_dir, "--temperature", "0", "--prompt", "Once upon"))
+    assert code == 0, err
+    first, second = _greedy_text(model_dir, PROMPT), _greedy_text(model_dir, "Once upon")
+    cyan, reset = "\033[36m", "\033[0m"
+    assert out.startswith(cyan + PROMPT + reset + first[len(PROMPT):] + "\n")
+    assert out.endswith(cyan + "Once upon" + reset + second[len("Once upon"):] + "\n")
+    assert "2/2" in out  # a rule between the two results
+
+
+def test_missing_prompts_file(reference_path, capsys, model_dir, tmp_path):
+    missing = tmp_path / "nope.txt"
+    code, out, err = run_cli(capsys, "--model", str(model_dir), "--prompts-file", str(missing))
+    _assert_one_line_error(code, out, err, "--prompts-file", "not found")
 
 
 # ------------------------------------------------------------------------------------ real subprocesses

@@ -6,6 +6,8 @@ Tolerances: at most twice the error of the same-dtype PyTorch computation agains
 own scale (fp32 1e-5, fp16 1e-3, bf16 1e-2 of max |y|) when PyTorch happens to be closer.
 """
 
+import contextlib
+import importlib
 import math
 import os
 import subprocess
@@ -17,10 +19,13 @@ from conftest import KERNEL_DEVICE
 from triton.runtime.errors import OutOfResources
 
 import kernels
+from helpers import assert_grads_within, grad_errors, max_rel_err
 from kernels import reference
 from kernels.gelu_mlp import (
-    DECODE_CONFIGS, PREFILL_CONFIGS, compile_specs, gelu_mlp_fwd, linear_fwd, _k_per_split,
+    DECODE_CONFIGS, PREFILL_CONFIGS, compile_specs, gelu_mlp_bwd, gelu_mlp_fwd, gemm, linear_fwd, _k_per_split,
 )
+
+mlp_module = importlib.import_module("kernels.gelu_mlp")
 
 DTYPE_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 ALL_CONFIGS = [pytest.param(c, id=f"{r}-M{c.kwargs['BLOCK_M']}N{c.kwargs['BLOCK_N']}K{c.kwargs['BLOCK_K']}w{c.num_warps}")
@@ -200,6 +205,175 @@ def test_public_op_survives_the_kernel_import():
     assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1]
 
 
+# ------------------------------------------------------------------------------------------ backward
+def _mlp_call(fn, dropout_p=0.0):
+    def call(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None):
+        return fn(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual, dropout_p=dropout_p)
+    return call
+
+
+def _grad_tensors(params, res):
+    names = ("x", "fc_weight", "fc_bias", "proj_weight", "proj_bias")
+    tensors = {n: p.requires_grad_() for n, p in zip(names, params)}
+    tensors["residual"] = None if res is None else res.requires_grad_()
+    return tensors
+
+
+@pytest.mark.parametrize("M,C,dtype,residual", [
+    (1, 32, torch.float32, True), (1, 32, torch.float16, False), (7, 48, torch.float16, True),
+    (7, 48, torch.float32, False), (131, 32, torch.float32, True), (131, 32, torch.float16, False),
+], ids=["1x32-fp32-residual", "1x32-fp16", "7x48-fp16-residual", "7x48-fp32", "131x32-fp32-residual", "131x32-fp16"])
+def test_backward_matches_float64(M, C, dtype, residual, interpreter_path):
+    """Every gradient (x, both weights and biases, residual) within 3x PyTorch's own same-dtype error."""
+    params, res = _mlp_inputs(M, C, dtype, residual=residual, seed=M)
+    ours, peer = grad_errors(_mlp_call(kernels.gelu_mlp), _mlp_call(reference.gelu_mlp), _grad_tensors(params, res))
+    assert_grads_within(ours, peer, dtype)
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS)
+def test_backward_every_config(config, interpreter_path, poisoned_empty):
+    """The backward's GEMMs (dz with dGELU, dx, both weight gradients, transposed operands) in each tile
+    config, on ragged sizes; fp16, NaN-poisoned buffers, against float64 within 3x PyTorch's error."""
+    M = config.kwargs["BLOCK_M"] + 3
+    params, _ = _mlp_inputs(M, 32, torch.float16, residual=False, seed=9)
+    x, w1, b1, w2, b2 = params
+    dy = torch.randn(M, 32, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    _, z = gelu_mlp_fwd(x, w1, b1, w2, b2, save_preact=True, config=config)
+    got = gelu_mlp_bwd(dy, x, z, w1, w2, config=config)
+
+    def autograd(dtype):
+        leaves = [p.detach().to(dtype).requires_grad_() for p in params]
+        reference.gelu_mlp(*leaves).backward(dy.to(dtype))
+        return [p.grad for p in leaves]
+
+    peer, truth = autograd(torch.float16), autograd(torch.float64)
+    for name, g, p, t in zip(("dx", "dW_fc", "db_fc", "dW_proj", "db_proj"), got, peer, truth):
+        assert not torch.isnan(g).any(), f"{name}: unwritten or NaN elements"
+        err, limit = max_rel_err(g, t), max(3 * max_rel_err(p, t), torch.finfo(torch.float16).eps / 2)
+        assert err <= limit, f"{name}: error {err:.3g} > {limit:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_gemm_layouts_odd_sizes_and_in_place_accumulation(dtype, interpreter_path):
+    """Column-major operands read in place (no copy), odd M/N/K (no alignment hints), an fp32 output from
+    16-bit operands, and y += a @ w.T in place (the fused cross-entropy's weight gradient)."""
+    g = torch.Generator().manual_seed(6)
+    M, N, K = 37, 53, 29
+    a_cm = torch.randn(K, M, generator=g).to(dtype).t()  # (M, K), unit stride along M
+    w_cm = torch.randn(K, N, generator=g).to(dtype).t()  # (N, K), unit stride along N
+    for a, w in ((a_cm, w_cm), (a_cm.contiguous(), w_cm), (a_cm, w_cm.contiguous())):
+        y = torch.empty(M, N)
+        gemm(a, w, y)
+        expect = a.double() @ w.double().T
+        assert max_rel_err(y, expect) <= 2 * max_rel_err(a.float() @ w.float().T, expect) + 1e-6
+    acc = torch.randn(M, N, generator=g)
+    before = acc.clone()
+    gemm(a_cm, w_cm, acc, residual=acc)
+    torch.testing.assert_close(acc.double(), before.double() + a_cm.double() @ w_cm.double().T, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_with_strided_inputs(interpreter_path):
+    """x a view of a wider buffer, the residual a transposed tensor: grads flow back through the views."""
+    params, _ = _mlp_inputs(10, 48, torch.float32, residual=False, seed=3)
+    g = torch.Generator().manual_seed(3)
+    wide = (torch.randn(2, 5, 64, generator=g) * 3).requires_grad_()
+    res_t = torch.randn(48, 5, 2, generator=g).requires_grad_()
+    names = ("fc_weight", "fc_bias", "proj_weight", "proj_bias")
+    tensors = dict(zip(names, (p.requires_grad_() for p in params[1:])), wide=wide, res_t=res_t)
+
+    def call(fn):
+        def f(wide, res_t, **weights):
+            return fn(wide[..., :48], *weights.values(), residual=res_t.permute(2, 1, 0))
+        return f
+
+    ours, peer = grad_errors(call(kernels.gelu_mlp), call(reference.gelu_mlp), tensors)
+    assert_grads_within(ours, peer, torch.float32)
+
+
+def test_backward_under_autocast(interpreter_path):
+    """CPU fp16 autocast with fp32 master weights and an fp32 residual stream: the op casts for itself,
+    returns fp32 (promoted with the stream), and hands fp32 gradients to the fp32 weights."""
+    params, res = _mlp_inputs(9, 64, torch.float32, seed=4)
+    params[0] = params[0].half()  # the branch input arrives in the autocast dtype (a LayerNorm's y)
+
+    def call(ops):
+        def f(**t):
+            with torch.autocast("cpu", dtype=torch.float16), ops():
+                return kernels.gelu_mlp(t["x"], t["fc_weight"], t["fc_bias"], t["proj_weight"], t["proj_bias"],
+                                        residual=t["residual"])
+        return f
+
+    tensors = _grad_tensors(params, res)
+    out = call(contextlib.nullcontext)(**tensors)
+    assert out.dtype == torch.float32
+    ours, peer = grad_errors(call(contextlib.nullcontext), call(kernels.reference_ops), tensors)
+    assert_grads_within(ours, peer, torch.float16)
+
+
+def test_backward_runs_triton_not_the_reference(interpreter_path, monkeypatch):
+    calls = []
+    real_bwd = mlp_module.gelu_mlp_bwd
+
+    def counting_bwd(*args, **kwargs):
+        calls.append(kwargs["needs"])
+        return real_bwd(*args, **kwargs)
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a PyTorch reference op ran")
+
+    monkeypatch.setattr(mlp_module, "gelu_mlp_bwd", counting_bwd)
+    monkeypatch.setattr(reference, "gelu_mlp", no_reference)
+    monkeypatch.setattr(torch.nn.functional, "linear", no_reference)
+    monkeypatch.setattr(torch.nn.functional, "gelu", no_reference)
+    params, res = _mlp_inputs(5, 32, torch.float32)
+    x = params[0].requires_grad_()
+    out = kernels.gelu_mlp(x, *params[1:], residual=res)
+    assert type(out.grad_fn).__name__ == "_GeluMLPBackward"
+    out.sum().backward()
+    assert calls == [(True, False, False, False, False)] and x.grad is not None
+
+
+# ------------------------------------------------------------------------------------------- dropout
+def test_dropout_mask_rate_scale_and_seed(interpreter_path):
+    """p = 0.25 on the branch: a quarter of the branch's entries dropped (the residual passes through
+    them exactly), the rest scaled by 1/(1-p); the seed comes from torch's generator."""
+    params, res = _mlp_inputs(80, 32, torch.float32, seed=7)
+    p = 0.25
+    torch.manual_seed(11)
+    out = kernels.gelu_mlp(*params, residual=res, dropout_p=p)
+    branch = reference.gelu_mlp(*params)
+    dropped = out == res
+    n = dropped.numel()
+    assert abs(dropped.float().mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma of a binomial
+    torch.testing.assert_close(out[~dropped], (branch / (1 - p) + res)[~dropped], rtol=1e-5, atol=1e-5)
+    torch.manual_seed(11)
+    assert torch.equal(kernels.gelu_mlp(*params, residual=res, dropout_p=p), out)  # same seed, same mask
+    torch.manual_seed(12)
+    assert not torch.equal(kernels.gelu_mlp(*params, residual=res, dropout_p=p) == res, dropped)
+
+
+def test_dropout_backward_regenerates_the_mask(interpreter_path):
+    """The backward's mask is the forward's: gradients equal those of branch * keep / (1 - p) + residual
+    with keep read off the forward's output, within 3x PyTorch's error (fp16)."""
+    dtype = torch.float16
+    params, res = _mlp_inputs(20, 32, dtype, seed=8)
+    p = 0.3
+    torch.manual_seed(5)
+    with torch.no_grad():
+        keep = kernels.gelu_mlp(*params, residual=res, dropout_p=p) != res
+
+    def ours(**t):
+        torch.manual_seed(5)
+        return _mlp_call(kernels.gelu_mlp, p)(**t)
+
+    def peer(**t):
+        branch = reference.gelu_mlp(t["x"], t["fc_weight"], t["fc_bias"], t["proj_weight"], t["proj_bias"])
+        return branch * keep.to(branch.dtype) / (1 - p) + t["residual"]
+
+    errs, peer_errs = grad_errors(ours, peer, _grad_tensors(params, res))
+    assert_grads_within(errs, peer_errs, dtype)
+
+
 # ------------------------------------------------------------------------------------- split-K plan
 @pytest.mark.parametrize("C", [768, 1024, 1280, 1600])
 @pytest.mark.parametrize("M", [1, 8, 64])
@@ -252,3 +426,30 @@ def test_bf16_every_config(config):
 def test_autotuned_gpt2_shapes(M, dtype):
     params, res = _mlp_inputs(M, 768, dtype, device="cuda")
     _check_mlp(kernels.gelu_mlp(*params, residual=res), params, res)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("M,C", [(1, 768), (64, 768), (1023, 768), (4096, 768), (300, 1600)])
+def test_gpu_backward(M, C, dtype, residual):
+    """The autotuned backward GEMMs on gpt2-family shapes in every dtype, bf16 included."""
+    params, res = _mlp_inputs(M, C, dtype, residual=residual, device="cuda")
+    ours, peer = grad_errors(_mlp_call(kernels.gelu_mlp), _mlp_call(reference.gelu_mlp), _grad_tensors(params, res))
+    assert_grads_within(ours, peer, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_under_bf16_autocast():
+    params, res = _mlp_inputs(2048, 768, torch.float32, device="cuda")
+    params[0] = params[0].bfloat16()
+
+    def call(ops):
+        def f(**t):
+            with torch.autocast("cuda", dtype=torch.bfloat16), ops():
+                return kernels.gelu_mlp(t["x"], t["fc_weight"], t["fc_bias"], t["proj_weight"], t["proj_bias"],
+                                        residual=t["residual"])
+        return f
+
+    ours, peer = grad_errors(call(contextlib.nullcontext), call(kernels.reference_ops), _grad_tensors(params, res))
+    assert_grads_within(ours, peer, torch.bfloat16)

@@ -7,6 +7,7 @@ near 0). Rounding one fp16 output costs up to 0.5e-3; one bf16 output up to 0.4e
 under the interpreter, which truncates fp32 -> bf16 where the GPU rounds to nearest.
 """
 
+import contextlib
 import importlib
 import math
 import os
@@ -18,6 +19,7 @@ import torch
 
 import kernels
 from conftest import KERNEL_DEVICE
+from helpers import assert_grads_within, grad_errors
 from kernels import reference
 
 layer_norm_op = kernels.layer_norm  # the public op (validation + dispatch)
@@ -275,24 +277,128 @@ def test_public_op_survives_the_kernel_import():
     assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1]
 
 
+# ------------------------------------------------------------------------------------------ backward
+def _ln_call(x, weight, bias, residual=None):
+    return layer_norm_op(x, weight, bias, eps=EPS, residual=residual)
+
+
+def _ln_peer(x, weight, bias, residual=None):
+    return reference.layer_norm(x, weight, bias, eps=EPS, residual=residual)
+
+
+BWD_SHAPES = [(1, 7), (3, 5, 96), (2, 1023), (5, 768), (2, 9001)]  # T = 1, odd, prime-ish, gpt2, looped
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", BWD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backward_matches_float64(interpreter_path, shape, dtype, residual):
+    """dx, d residual, dweight, dbias (h's own gradient flowing in too) within 3x PyTorch's own error."""
+    x, r, w, b = _inputs(shape, dtype, seed=shape[-1] + 17, residual=residual)
+    tensors = dict(x=x.requires_grad_(), weight=w.requires_grad_(), bias=b.requires_grad_(),
+                   residual=None if r is None else r.requires_grad_())
+    ours, peer = grad_errors(_ln_call, _ln_peer, tensors)
+    assert_grads_within(ours, peer, dtype)
+
+
+def test_backward_of_strided_inputs_and_large_magnitudes(interpreter_path):
+    """Views of wider buffers (read in place) and rows near -20 (xhat from the stored h)."""
+    gen = torch.Generator().manual_seed(21)
+    N = 96
+    wide = _randn((7, 2 * N + 8), gen, torch.float32, 0.5, -20.0).requires_grad_()
+    r_t = _randn((N, 7), gen, torch.float32).requires_grad_()  # its transpose: unit stride along rows
+    w, b = _randn((N,), gen, torch.float32, 0.5, 1.0).requires_grad_(), _randn((N,), gen, torch.float32).requires_grad_()
+
+    def call(fn):
+        return lambda wide, r_t, weight, bias: fn(wide[:, 8:N + 8], weight, bias, residual=r_t.t())
+
+    ours, peer = grad_errors(call(_ln_call), call(_ln_peer), dict(wide=wide, r_t=r_t, weight=w, bias=b))
+    assert_grads_within(ours, peer, torch.float32)
+
+
+def test_backward_when_only_y_or_only_h_is_used(interpreter_path):
+    x, r, w, b = _inputs((4, 100), torch.float32, seed=5)
+    for keep in (0, 1):
+        def call(fn):
+            return lambda x, residual, weight, bias: fn(x, weight, bias, residual=residual)[keep]
+        tensors = dict(x=x.clone().requires_grad_(), residual=r.clone().requires_grad_(), weight=w.clone().requires_grad_(),
+                       bias=b.clone().requires_grad_())
+        if keep == 1:  # h alone: y's parameters get no gradient at all
+            h = call(_ln_call)(**tensors)
+            h.sum().backward()
+            assert tensors["weight"].grad is None and torch.equal(tensors["x"].grad, torch.ones_like(x))
+            continue
+        ours, peer = grad_errors(call(_ln_call), call(_ln_peer), tensors)
+        assert_grads_within(ours, peer, torch.float32)
+
+
+def test_backward_under_autocast_keeps_the_stream_fp32(interpreter_path):
+    """CPU fp16 autocast (bf16 dots do not interpret): a 16-bit branch, the fp32 stream, fp32 weights.
+    y comes out in fp16, h in fp32, every gradient in its input's dtype; PyTorch's autocast is the peer."""
+    gen = torch.Generator().manual_seed(8)
+    shape = (6, 768)
+    tensors = dict(x=_randn(shape, gen, torch.float16).requires_grad_(), residual=_randn(shape, gen, torch.float32).requires_grad_(),
+                   weight=_randn((768,), gen, torch.float32, 0.5, 1.0).requires_grad_(),
+                   bias=_randn((768,), gen, torch.float32, 0.5).requires_grad_())
+
+    def call(ops):
+        def f(x, residual, weight, bias):
+            with torch.autocast("cpu", dtype=torch.float16), ops():
+                y, h = layer_norm_op(x, weight, bias, eps=EPS, residual=residual)
+            return y, h
+        return f
+
+    y, h = call(contextlib.nullcontext)(**tensors)
+    assert y.dtype == torch.float16 and h.dtype == torch.float32
+    ours, peer = grad_errors(call(contextlib.nullcontext), call(kernels.reference_ops), tensors)
+    assert_grads_within(ours, peer, torch.float16)
+
+
+def test_backward_runs_triton_not_the_reference(interpreter_path, monkeypatch):
+    calls = []
+    real_bwd = ln.layer_norm_bwd
+
+    def counting_bwd(*args, **kwargs):
+        calls.append(kwargs.get("dh") is not None)
+        return real_bwd(*args, **kwargs)
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference layer_norm ran")
+
+    monkeypatch.setattr(ln, "layer_norm_bwd", counting_bwd)
+    monkeypatch.setattr(reference, "layer_norm", no_reference)
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", no_reference)
+    x, r, w, b = _inputs((3, 64), torch.float32, seed=2)
+    x.requires_grad_()
+    y, h = layer_norm_op(x, w.requires_grad_(), b, eps=EPS, residual=r)
+    assert type(y.grad_fn).__name__ == "_LayerNormBackward"
+    (y.sum() + h.sum()).backward()
+    assert calls == [True] and x.grad is not None and w.grad is not None
+
+
 # ------------------------------------------------------------------------------------ configs / compile
 def test_config_chooser_covers_every_width_and_compile_specs_list_it():
-    chosen = set()
-    for N in list(range(1, 2100)) + [2 ** k + d for k in range(11, 17) for d in (-1, 0, 1)] + [50257]:
-        regime, block_n, block_m, warps = ln._config(N)
-        assert (N <= block_n) if regime == "rows" else (N > ln._ROW_CONFIGS[-1][0])
-        chosen.add((regime, block_n, block_m, warps))
+    widths = list(range(1, 2100)) + [2 ** k + d for k in range(11, 17) for d in (-1, 0, 1)] + [50257]
     specs = ln.compile_specs()
-    listed = {("looped" if s.fn is ln._ln_fwd_looped else "rows", s.constexprs["BLOCK_N"],
-               s.constexprs.get("BLOCK_M", 1), s.num_warps, s.signature["X"])
-              for s in specs}
-    for cfg in chosen:
-        for dt in ("*fp16", "*bf16"):
-            assert cfg + (dt,) in listed, f"{cfg} {dt} is launched but not compiled"
-    assert any(s.signature["X"] == "*fp32" for s in specs)
+    for chooser, rows_fn, looped_fn, dtype_arg in ((ln._config, ln._ln_fwd_rows, ln._ln_fwd_looped, "X"),
+                                                    (ln._bwd_config, ln._ln_bwd_rows, ln._ln_bwd_looped, "DY")):
+        chosen = set()
+        for N in widths:
+            regime, block_n, block_m, warps = chooser(N)
+            assert (N <= block_n) if regime == "rows" else N > 8192
+            chosen.add((regime, block_n, block_m, warps))
+        listed = {("looped" if s.fn is looped_fn else "rows", s.constexprs["BLOCK_N"],
+                   s.constexprs.get("BLOCK_M", 1), s.num_warps, s.signature[dtype_arg])
+                  for s in specs if s.fn in (rows_fn, looped_fn)}
+        for cfg in chosen:
+            wanted = ("*fp16", "*bf16") if chooser is ln._config else ("*bf16",)  # the backward: autocast's
+            for dt in wanted:
+                assert cfg + (dt,) in listed, f"{cfg} {dt} is launched but not compiled"
+        assert any(key[-1] == "*fp32" for key in listed)
     # ld.global.v4 is demanded of every 16-bit spec on the 16-byte path that serves N >= 768
     for s in specs:
-        if s.signature["X"] in ("*fp16", "*bf16") and s.constexprs["VEC"] == 8 and s.constexprs["BLOCK_N"] >= 1024:
+        first = s.signature.get("X", s.signature.get("DY"))
+        if first in ("*fp16", "*bf16") and s.constexprs["VEC"] == 8 and s.constexprs["BLOCK_N"] >= 1024:
             assert s.expect_v4_loads, s.name
 
 
@@ -317,3 +423,16 @@ def test_gpu_full_size(N, dtype):
     _close(h, h64, dtype, "h")
     _close(y, y64, dtype, "y")
     _check_stats(mean, rstd, h64, mean64, rstd64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("N", [768, 1600, 4096, 20000])
+def test_gpu_backward(N, dtype):
+    """Every dtype on the GPU, bf16 included, at full widths; the autocast layout for bf16."""
+    x, r, w, b = _inputs((256, N), dtype, seed=N, offset=-2.0, wdtype=torch.float32 if dtype == torch.bfloat16 else None)
+    if dtype == torch.bfloat16:
+        r = r.float()
+    tensors = dict(x=x.requires_grad_(), weight=w.requires_grad_(), bias=b.requires_grad_(), residual=r.requires_grad_())
+    ours, peer = grad_errors(_ln_call, _ln_peer, tensors)
+    assert_grads_within(ours, peer, dtype)

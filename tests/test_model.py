@@ -57,8 +57,11 @@ def _hf_config_dict(**changes):
 
 def test_from_hf_reads_a_transformers_config_dict():
     cfg = GPTConfig.from_hf(_hf_config_dict())
+    # GPT2Config's dropouts (0.1 each) are read too; attention dropout is recorded but not applied
     assert cfg == GPTConfig(vocab_size=517, n_positions=96, n_embd=48, n_layer=3, n_head=3,
-                            layer_norm_epsilon=3e-5, bos_token_id=7, eos_token_id=11)
+                            layer_norm_epsilon=3e-5, bos_token_id=7, eos_token_id=11,
+                            resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    assert GPTConfig.from_hf(_hf_config_dict(resid_pdrop=0.25, embd_pdrop=0.0)).resid_pdrop == 0.25
 
 
 def test_from_hf_reads_a_config_object_and_a_path(tmp_path):
@@ -220,3 +223,60 @@ def test_logits_match_transformers_through_triton_kernels(interpreter_path, tiny
     with torch.no_grad():
         ours = model(ids)
     assert max_rel_err(ours, _hf_logits(hf_model, ids)) <= FP32_REL_TOL
+
+
+# ---------------------------------------------------------------------------------- training forward
+def _dropout_model(p=0.2):
+    torch.manual_seed(3)
+    return GPT(GPTConfig(vocab_size=40, n_positions=12, n_embd=32, n_layer=2, n_head=2, resid_pdrop=p, embd_pdrop=p))
+
+
+@pytest.mark.parametrize("path", ["reference", "interpreter"])
+def test_loss_equals_cross_entropy_of_the_logits(path, monkeypatch):
+    """model(ids, targets=...) is F.cross_entropy of model(ids)'s logits (mean or sum, ignored targets
+    left out), on both paths; with targets, input_pos / last_only are refused."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "interpreter" else "0")
+    model = _dropout_model(0.0).eval()
+    ids = random_ids(2, 9, 40, seed=1)
+    y = random_ids(2, 9, 40, seed=2)
+    y[:, :2] = -100
+    with torch.no_grad():
+        logits = model(ids)
+        for reduction in ("mean", "sum"):
+            want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction=reduction)
+            got = model(ids, targets=y, reduction=reduction)
+            assert max_rel_err(got, want) <= 1e-5, reduction
+    with pytest.raises(ValueError, match="targets"):
+        model(ids, targets=y, last_only=True)
+
+
+@pytest.mark.parametrize("path", ["reference", "interpreter"])
+def test_dropout_acts_in_training_only(path, monkeypatch):
+    """resid_pdrop / embd_pdrop change training-mode outputs (seeded: the same seed, the same masks),
+    and never eval-mode ones; on the interpreter the MLP's dropout is the Triton epilogue's."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "interpreter" else "0")
+    dropped, plain = _dropout_model(0.2), _dropout_model(0.0)
+    ids = random_ids(1, 7, 40, seed=4)
+    with torch.no_grad():
+        assert torch.equal(dropped.eval()(ids), plain.eval()(ids))
+        dropped.train()
+        torch.manual_seed(9)
+        a = dropped(ids)
+        torch.manual_seed(9)
+        b = dropped(ids)
+        torch.manual_seed(10)
+        c = dropped(ids)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.allclose(a, plain(ids))
+
+
+def test_set_dropout_and_unsupported_attention_dropout():
+    model = GPT(GPTConfig(vocab_size=40, n_positions=12, n_embd=32, n_layer=1, n_head=2, attn_pdrop=0.1))
+    with pytest.warns(UserWarning, match="attn_pdrop=0.1 is not applied"):
+        model.train()
+    model.set_dropout(0.3, 0.05)
+    assert (model.config.resid_pdrop, model.config.embd_pdrop, model.config.attn_pdrop) == (0.3, 0.05, 0.0)
+    assert model.transformer.drop.p == 0.05 and model.transformer.h[0].attn.resid_dropout.p == 0.3
+    assert model.transformer.h[0].mlp.resid_pdrop == 0.3
+    with pytest.raises(ValueError, match="resid_pdrop must be in"):
+        GPTConfig(resid_pdrop=1.0)
