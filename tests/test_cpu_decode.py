@@ -121,6 +121,21 @@ def test_linear_keeps_small_weights_on_f_linear(reference_path, monkeypatch):
     assert reference.linear_plan(x[:, :96], torch.randn(64, 96).t()) == ("f.linear", 1)
 
 
+def test_linear_under_autocast_is_f_linear(matvec_path):
+    """Under CPU autocast the operands may differ in dtype (a bf16 activation, an fp32 weight) and the
+    product is F.linear's, cast as autocast says: never split, whose partial sums autocast would round."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 48, generator=g).t().contiguous().t()
+    b = torch.randn(64, generator=g)
+    x = torch.randn(1, 48, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert reference.linear_plan(x, w, b) == ("f.linear", 1)
+        for xi in (x, x.bfloat16()):
+            y = kernels.linear(xi, w, b)
+            assert y.dtype == torch.bfloat16
+            torch.testing.assert_close(y, F.linear(xi, w, b), rtol=0, atol=0)
+
+
 def test_linear_validates_its_arguments():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="weight must have shape"):
