@@ -296,6 +296,15 @@ def run(device, dtype, quick: bool, smoke: bool, notes: list[str], errors: list[
     return rows
 
 
+def run_suite(ctx) -> list[dict]:
+    """The ``parallel`` suite of ``fastgpt bench`` (see benchmarks/cli.py); a parity row off its tolerance
+    is an error of the run."""
+    rows = run(ctx.device, ctx.dtypes[0], ctx.quick, ctx.smoke, ctx.notes, ctx.errors)
+    ctx.errors += [f"parallel: {r['model']}: logits off by {r['max_err']:.2e} (tolerance {r['tol']:.0e})"
+                   for r in rows if r["kind"] == "parity" and not r["ok"]]
+    return rows
+
+
 def main(argv=None) -> int:
     import argparse
 

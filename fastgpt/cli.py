@@ -2,6 +2,11 @@
 
 A mistake by the user (bad argument, missing model, bad data) prints one line to stderr and exits with
 status 2; no traceback.
+
+``bench`` lives in benchmarks/cli.py, beside the suites it runs: benchmarks depends on fastgpt, never the
+reverse. This file names it by string only and imports it when ``fastgpt bench`` is run; nothing in
+fastgpt imports benchmarks (tests/test_bench.py checks), and without the benchmarks package (it ships in
+fastgpt's source tree and wheel) ``fastgpt bench`` says so in one line.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 SUBCOMMANDS = {
     "generate": ("fastgpt.cli", "generate text from one or more prompts, streaming it as it comes"),
     "serve": ("fastgpt.serve.cli", "serve the OpenAI API (completions, chat) over HTTP on the engine"),
-    "bench": ("fastgpt.bench", "time the fused kernels and generation against their peers"),
+    "bench": ("benchmarks.cli", "time the fused kernels and generation against their peers"),
     "train": ("fastgpt.train", "pretrain or fine-tune a model on text files, JSONL pairs or the stdlib corpus"),
 }
 
@@ -223,16 +228,28 @@ def run(args) -> int:
 
 # ----------------------------------------------------------------------------------------------- main
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The parser; with ``only``, just that subcommand's module is imported (the others' imports and
-    possible breakage stay out of its way)."""
+    """The parser. Only the named subcommand's module is imported, for its options: the others' imports
+    and possible breakage stay out of its way (and `fastgpt --help` needs none of them)."""
     parser = _Parser(prog="fastgpt", description="GPT-2-family engine with fused Triton kernels")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if only in (None, name):
-            importlib.import_module(module).add_arguments(p)
-        p.set_defaults(_module=module)
+        if only == name:
+            _subcommand(name, module).add_arguments(p)
+        p.set_defaults(_module=module, _command=name)
     return parser
+
+
+def _subcommand(name: str, module: str):
+    """The subcommand's module; a missing package (benchmarks outside a full install) is one line."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        package = module.split(".")[0]
+        if e.name is None or e.name.split(".")[0] != package or package == "fastgpt":
+            raise
+        raise SystemExit(_fail(f"`fastgpt {name}` needs the {package} package, which ships with fastgpt's source "
+                               f"tree and wheel, and cannot be imported here ({e})")) from None
 
 
 def main(argv=None) -> int:
@@ -240,7 +257,7 @@ def main(argv=None) -> int:
     parser = build_parser(only=argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        return int(_subcommand(args._command, args._module).run(args) or 0)
     except USER_ERRORS as e:
         return _fail(str(e) or type(e).__name__)
     except KeyboardInterrupt:
