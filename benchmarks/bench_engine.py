@@ -241,6 +241,25 @@ def run(device="cpu", dtype=None, workload: Workload | None = None, model_name: 
     return doc
 
 
+def run_suite(ctx) -> list[dict]:
+    """The ``engine`` suite of ``fastgpt bench`` (see benchmarks/cli.py): the quick workload with --quick, a
+    tiny one with --smoke (without transformers' continuous batching, whose warm-up alone takes tens of
+    seconds on a CPU); the speedup lines go to the notes. ``python -m benchmarks.bench_engine`` has the
+    workload options."""
+    systems = SYSTEMS
+    if ctx.smoke:
+        w = Workload(num_requests=4, prompt_range=(4, 24), output_range=(2, 6), concurrency=(2,))
+        systems = tuple(s for s in SYSTEMS if s != "transformers CB")
+    else:
+        w = Workload(**asdict(QUICK)) if ctx.quick else Workload()
+    doc = run(ctx.device, ctx.dtypes[0], workload=w, model_name=ctx.model or ("tiny" if ctx.smoke else "gpt2"),
+              systems=systems)
+    lines = render(doc).splitlines()
+    ctx.notes += [f"engine: {lines[1]}"] + [line for line in lines if line.startswith(("fastgpt engine vs ",
+                                                                                       "fastgpt static:"))]
+    return doc["rows"]
+
+
 def speedups(rows: list[dict]) -> dict:
     """fastgpt engine's output tok/s over each peer's: at the top concurrency, and over the peer's best."""
     top = max((r["concurrency"] for r in rows), default=None)

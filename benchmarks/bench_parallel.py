@@ -9,6 +9,10 @@ then every TP size that divides the heads (and fits the GPUs; 2 ranks on a CPU).
              weights, sharded by heads: ms per step, tokens/s, and the step's collectives (2 all-reduces per
              block, the embedding's all-reduce, the head's all-gather, of the same shapes) timed alone
              over as many calls; plus a parity row: the TP logits against the unsharded model's.
+  tp_engine  the engine on the sharded model (the same random weights): Engine.generate of a fixed batch of
+             greedy requests, output tokens/s, and how many requests came out with the same tokens as
+             at TP=1. Every TP size runs eagerly (CUDA graphs are off under TP, so the one-process row
+             runs without them too, and the ratio is TP's alone).
   dp_train   optimizer steps (forward, backward, AdamW) on random tokens through
              fastgpt.parallel.wrap_for_training, as ``fastgpt train`` runs them: DDP and FSDP2, tokens/s
              summed over the ranks, and the scaling over one process.
@@ -40,13 +44,16 @@ def make_plan(device, quick: bool, smoke: bool) -> dict:
     cuda = torch.device(device).type == "cuda"
     if smoke:
         return dict(models=["tiny"], batches=[1], context=16, train_model="tiny", train_batch=2, block=32,
-                    decode_reps=3, train_steps=2, modes=["ddp"])
+                    decode_reps=3, train_steps=2, modes=["ddp"],
+                    engine=dict(requests=2, prompt_len=5, max_tokens=4, reps=1))
     if not cuda:
         return dict(models=["gpt2"], batches=[1], context=256, train_model="tiny", train_batch=4, block=64,
-                    decode_reps=10 if quick else 30, train_steps=4 if quick else 10, modes=["ddp", "fsdp"])
+                    decode_reps=10 if quick else 30, train_steps=4 if quick else 10, modes=["ddp", "fsdp"],
+                    engine=dict(requests=4, prompt_len=16, max_tokens=8 if quick else 16, reps=1 if quick else 3))
     return dict(models=["gpt2"] if quick else ["gpt2", "gpt2-xl"], batches=[1, 8] if quick else [1, 8, 64],
                 context=512, train_model="gpt2", train_batch=8, block=512, decode_reps=20 if quick else 50,
-                train_steps=5 if quick else 10, modes=["ddp", "fsdp"])
+                train_steps=5 if quick else 10, modes=["ddp", "fsdp"],
+                engine=dict(requests=32, prompt_len=128, max_tokens=128, reps=3 if quick else 5))
 
 
 def _config(name: str):
@@ -129,6 +136,31 @@ def _tp_decode(plan, name, batch, world, device, dtype) -> list[dict]:
     return rows
 
 
+@torch.inference_mode()
+def _tp_engine(plan, name, world, device, dtype) -> dict:
+    from fastgpt import Engine, SamplingParams, parallel
+    from fastgpt.model import GPT
+
+    config = _config(name)
+    torch.manual_seed(0)  # the weights of _tp_decode's model, sharded the same way
+    with torch.device(device):
+        model = GPT(config)
+    model = model.to(dtype).eval()
+    if world.size > 1:
+        parallel.tensor_parallel(model)
+    spec = plan["engine"]
+    n, length, new = spec["requests"], min(spec["prompt_len"], config.n_positions // 2), spec["max_tokens"]
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, config.vocab_size, (length,), generator=g).tolist() for _ in range(n)]
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    engine = Engine(model, max_num_seqs=n, num_blocks=n * -(-(length + new) // 16), cuda_graphs=False)
+    outputs = []
+    ms = _timed(lambda: outputs.append(engine.generate(prompts, params)), spec["reps"], device)
+    return {"kind": "tp_engine", "model": name, "requests": n, "prompt_len": length, "max_tokens": new,
+            "dtype": str(dtype).replace("torch.", ""), "tp": world.size, "generate_ms": ms,
+            "tok_s": n * new / (ms * 1e-3), "tokens": [o.outputs[0].token_ids for o in outputs[-1]]}
+
+
 def _dp_train(plan, mode, world, device) -> dict:
     from fastgpt import parallel
     from fastgpt.model import GPT
@@ -175,6 +207,7 @@ def worker(spec: dict) -> None:
         if world.size == 1 or world.size in tp_sizes(_config(name), world.size):
             for batch in plan["batches"]:
                 rows += _tp_decode(plan, name, batch, world, device, dtype)
+            rows.append(_tp_engine(plan, name, world, device, dtype))
     for mode in (["ddp"] if world.size == 1 else plan["modes"]):
         rows.append(_dp_train(plan, mode, world, device))
     if world.is_main:
@@ -217,7 +250,8 @@ def _log(msg: str) -> None:
 
 def run(device, dtype, quick: bool, smoke: bool, notes: list[str], errors: list[str] | None = None,
         timeout: float = 1800) -> list[dict]:
-    """Rows of kinds tp_decode, dp_train and parity, with each row's speedup / scaling over one process."""
+    """Rows of kinds tp_decode, tp_engine, dp_train and parity, with each row's speedup / scaling over one
+    process (and, for tp_engine, how many requests gave the tokens of TP=1)."""
     device = torch.device(device)
     plan = make_plan(device, quick, smoke)
     if device.type == "cuda":
@@ -244,13 +278,30 @@ def run(device, dtype, quick: bool, smoke: bool, notes: list[str], errors: list[
             errors.append(f"parallel, {n} rank(s): FAILED: {e}")
             _log(errors[-1])
     base_tp = {(r["model"], r["batch"]): r["tok_s"] for r in rows if r["kind"] == "tp_decode" and r["tp"] == 1}
+    base_engine = {r["model"]: r for r in rows if r["kind"] == "tp_engine" and r["tp"] == 1}
     base_dp = next((r["tok_s"] for r in rows if r["kind"] == "dp_train" and r["ranks"] == 1), None)
     for r in rows:
         if r["kind"] == "tp_decode":
             base = base_tp.get((r["model"], r["batch"]))
             r["vs_one"] = r["tok_s"] / base if base else None
+        elif r["kind"] == "tp_engine":
+            base = base_engine.get(r["model"])
+            r["vs_one"] = r["tok_s"] / base["tok_s"] if base else None
+            same = sum(a == b for a, b in zip(r["tokens"], base["tokens"])) if base else None
+            r["same_tokens"] = None if base is None else f"{same}/{r['requests']}"
         elif r["kind"] == "dp_train":
             r["vs_one"] = r["tok_s"] / base_dp if base_dp else None
+    for r in rows:
+        r.pop("tokens", None)  # compared; the report needs only the count
+    return rows
+
+
+def run_suite(ctx) -> list[dict]:
+    """The ``parallel`` suite of ``fastgpt bench`` (see benchmarks/cli.py); a parity row off its tolerance
+    is an error of the run."""
+    rows = run(ctx.device, ctx.dtypes[0], ctx.quick, ctx.smoke, ctx.notes, ctx.errors)
+    ctx.errors += [f"parallel: {r['model']}: logits off by {r['max_err']:.2e} (tolerance {r['tol']:.0e})"
+                   for r in rows if r["kind"] == "parity" and not r["ok"]]
     return rows
 
 

@@ -218,6 +218,12 @@ def goals(rows: list[dict]) -> list[dict]:
     return out
 
 
+def run_suite(ctx) -> list[dict]:
+    """The ``train`` suite of ``fastgpt bench`` (see benchmarks/cli.py): the rows and the goals."""
+    rows = run(ctx.device, ctx.dtypes[0], ctx.quick, ctx.smoke, ctx.ceilings, ctx.notes, ctx.errors)
+    return rows + goals(rows)
+
+
 def gpu_check_rows(device, smoke: bool = False, notes: list[str] | None = None,
                    errors: list[str] | None = None) -> list[dict]:
     """benchmarks/gpu_check.py's training section: gpt2 at 8 x 1024 (the smoke model off a GPU), the goals."""

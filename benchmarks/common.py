@@ -1,9 +1,11 @@
 """Shared timing and ceiling helpers for the benchmark suites.
 
-Every suite ``benchmarks/bench_<op>.py`` exposes
+Every op suite ``benchmarks/bench_<op>.py`` exposes
     check(device, dtypes) -> list[dict]   correctness rows: op, case, dtype, max_err, tol, ok
     run(device, dtypes, quick, ceilings) -> list[dict]   timing rows made by ``timing_row``
 and pytest-benchmark tests (``pytest benchmarks/bench_<op>.py``) that skip cleanly without CUDA.
+A suite of ``fastgpt bench`` (registered in benchmarks/cli.py: kernels, generate, ...) is a module with
+    run_suite(ctx: SuiteContext) -> list[dict]   rows for benchmarks.report, each with a "kind"
 ``fastgpt bench`` and ``benchmarks/gpu_check.py`` compose those functions.
 
 Speed numbers are medians: ``triton.testing.do_bench`` on CUDA (it warms up and flushes L2 between
@@ -14,8 +16,27 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass
+class SuiteContext:
+    """What ``fastgpt bench`` hands each suite: the options of the run and the places to report into.
+
+    A suite appends to notes what a reader of the results must know (a peer that is missing, a size that
+    was skipped) and to errors what failed (the run then exits 1); it may set header fields of the
+    results document in doc (e.g. "kernel_label")."""
+    device: torch.device
+    dtypes: list  # the --dtype list; suites that run one model use dtypes[0]
+    quick: bool = False
+    smoke: bool = False  # the tiniest sizes, one repetition: plumbing only
+    model: str | None = None  # --model: a local checkpoint for suites that run a whole model
+    ceilings: dict = field(default_factory=dict)  # measure_ceilings(device), taken at the start of the run
+    notes: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    doc: dict = field(default_factory=dict)
 
 
 def bench_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 5) -> float:

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from fastgpt.bench import cpu_reference_rows, run_kernel_suites
+    from benchmarks.bench_kernels import cpu_reference_rows, run_kernel_suites
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for a dry run of the plumbing")
@@ -251,7 +251,7 @@ def _main(argv) -> int:
     report.write_json(os.path.join(out_dir, "results.json"), doc)
     report.write_markdown(os.path.join(out_dir, "results.md"), doc)
     try:  # the numbers are already on disk; a plotting problem must not turn into a traceback
-        report.plot(rows, out_dir, title_suffix=f" ({doc['device_name']})")
+        report.plot(doc, out_dir)
     except Exception as e:
         errors.append(f"plots: {_first_line(e)}")
         _log(errors[-1])

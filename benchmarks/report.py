@@ -125,6 +125,13 @@ GENERATE_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("prompt", 
 POSITION_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("dtype", "dtype", ""),
                     ("context", "context", "d"), ("decode ms/token", "decode_ms", ".3f"),
                     ("floor ms", "floor_ms", ".3f"), ("vs shortest context", "vs_first", "x")]
+CPU_DECODE_COLUMNS = [("model", "model", ""), ("dtype", "dtype", ""), ("threads", "threads", "d"),
+                      ("pairs", "pairs", "d"), ("load avg", "load_avg_before", ".1f"), ("same tokens", "same_tokens", ""),
+                      ("tok/s", "ours_tok_s", ".1f"), ("peer tok/s", "peer_tok_s", ".1f"), ("speedup", "speedup", "x"),
+                      ("ms/step", "ours_step_ms", ".2f"), ("peer ms/step", "peer_step_ms", ".2f"),
+                      ("decode speedup", "decode_speedup", "x"), ("floor ms", "floor_ms", ".2f"),
+                      ("% of floor", "pct_floor", "%"), ("read floor ms", "read_floor_ms", ".2f"),
+                      ("% of read floor", "pct_read_floor", "%")]
 PATCH_COLUMNS = [("model", "model", ""), ("phase", "phase", ""), ("shape", "shape", ""), ("dtype", "dtype", ""),
                  ("path", "backend", ""), ("patched ms", "patched_ms", ".3f"), ("HF ms", "hf_ms", ".3f"),
                  ("speedup", "speedup", "x"), ("goal", "goal", "x"), ("patched tok/s", "patched_tok_s", ".0f"),
@@ -136,6 +143,10 @@ TP_DECODE_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("context"
                      ("dtype", "dtype", ""), ("TP", "tp", "d"), ("decode ms/step", "decode_ms", ".3f"),
                      ("tok/s", "tok_s", ".1f"), ("vs TP=1", "vs_one", "x"),
                      ("collectives ms/step", "comm_ms", ".3f"), ("% of step", "comm_pct", "%")]
+TP_ENGINE_COLUMNS = [("model", "model", ""), ("requests", "requests", "d"), ("prompt", "prompt_len", "d"),
+                     ("new tokens", "max_tokens", "d"), ("dtype", "dtype", ""), ("TP", "tp", "d"),
+                     ("generate ms", "generate_ms", ".1f"), ("output tok/s", "tok_s", ".1f"),
+                     ("vs TP=1", "vs_one", "x"), ("same tokens as TP=1", "same_tokens", "")]
 DP_TRAIN_COLUMNS = [("model", "model", ""), ("mode", "mode", ""), ("ranks", "ranks", "d"),
                     ("batch/rank", "batch_per_rank", "d"), ("block", "block", "d"), ("ms/step", "step_ms", ".1f"),
                     ("tok/s", "tok_s", ".0f"), ("vs 1 process", "vs_one", "x")]
@@ -153,6 +164,16 @@ MEMORY_COLUMNS = [("op", "op", ""), ("shape", "shape", ""), ("dtype", "dtype", "
 GOAL_COLUMNS = [("goal", "goal", ""), ("measured", "measured", ".2f"), ("target", "target", ".2f"), ("ok", "ok", "")]
 CHECK_COLUMNS = [("op", "op", ""), ("case", "case", ""), ("dtype", "dtype", ""), ("max err", "max_err", ".2e"),
                  ("tol", "tol", ".1e"), ("ok", "ok", "")]
+
+
+KNOWN_KINDS = ("check", "parity", "kernel", "generate", "patch", "decode_position", "cpu_decode", "tp_decode",
+               "dp_train", "engine", "train", "goal", "memory")
+
+
+def generic_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """Every field but "kind", in first-seen order; floats to 4 significant digits."""
+    keys = dict.fromkeys(k for r in rows for k in r if k != "kind")
+    return [(k, k, ".4g" if any(isinstance(r.get(k), float) for r in rows) else "") for k in keys]
 
 
 def rows_of(rows: list[dict], kind: str) -> list[dict]:
@@ -218,10 +239,19 @@ def render(doc: dict, markdown: bool = False) -> str:
     if pos:
         out.append(h("Decode cost per token by context length (should stay flat)"))
         out.append(format_table(with_position_ratio(pos), POSITION_COLUMNS, markdown))
+    cpu = rows_of(rows, "cpu_decode")
+    if cpu:
+        out.append(h("CPU batch-1 decode: fastgpt against transformers (medians of interleaved pairs) and the "
+                     "weight-streaming floors"))
+        out.append(format_table(cpu, CPU_DECODE_COLUMNS, markdown))
     tp = rows_of(rows, "tp_decode")
     if tp:
         out.append(h("Tensor-parallel decode: one step, and its collectives timed alone"))
         out.append(format_table(tp, TP_DECODE_COLUMNS, markdown))
+    tp_engine = rows_of(rows, "tp_engine")
+    if tp_engine:
+        out.append(h("Tensor-parallel engine: greedy requests through Engine.generate, eager"))
+        out.append(format_table(tp_engine, TP_ENGINE_COLUMNS, markdown))
     dp = rows_of(rows, "dp_train")
     if dp:
         out.append(h("Data-parallel training: tokens/s over all ranks"))
@@ -238,6 +268,10 @@ def render(doc: dict, markdown: bool = False) -> str:
     if goal:
         out.append(h("Training goals"))
         out.append(format_table(goal, GOAL_COLUMNS, markdown))
+    for kind in dict.fromkeys(r.get("kind") for r in rows):
+        if kind not in KNOWN_KINDS:  # a new suite's rows: every field, until it earns columns of its own
+            out.append(h(str(kind)))
+            out.append(format_table(rows_of(rows, kind), generic_columns(rows_of(rows, kind)), markdown))
     notes = doc.get("notes", [])
     if notes:
         out.append(h("Notes"))
@@ -264,72 +298,117 @@ def _save(fig, path: str) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
-def plot(rows: list[dict], out_dir: str, title_suffix: str = "") -> list[str]:
-    """One PNG per kernel op (speedup over each peer, and % of the ceiling, against problem size), and one
-    for generation (decode speedup over each peer, and % of the weight-streaming floor, against batch)."""
+def _stamp(doc: dict, rows: list[dict]) -> str:
+    """What every plot states: the machine, the date, the dtypes of what it shows."""
+    dtypes = ", ".join(dict.fromkeys(str(r["dtype"]) for r in rows if r.get("dtype"))) or "-"
+    return f"{doc.get('device_name', '?')} | {str(doc.get('date', '?'))[:10]} | {dtypes}"
+
+
+def draw_series(ax, series: dict, xlabel: str, ylabel: str, title: str, ref: float | None = None) -> str:
+    """series: label -> [(x, y), ...]. Lines against x (log) when some series has several points; when each
+    has one, a bar per series with its value written on it (a lone dot per series shows no trend and hides
+    the number). Returns "lines", "bars" or "empty"."""
+    series = {k: sorted(v) for k, v in series.items() if v}
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ref is not None:
+        ax.axhline(ref, color="grey", lw=0.8, ls="--")
+    if not series:
+        ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
+        return "empty"
+    if all(len(v) == 1 for v in series.values()):
+        labels = [f"{k}\n{xlabel} {v[0][0]:g}" for k, v in series.items()]
+        values = [v[0][1] for v in series.values()]
+        bars = ax.bar(range(len(values)), values, color=[f"C{i}" for i in range(len(values))])
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=20 if len(values) > 3 else 0)
+        ax.set_ylabel(ylabel)
+        return "bars"
+    for label, points in series.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], "o-", label=label)
+    ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8)
+    return "lines"
+
+
+def plot(doc: dict, out_dir: str) -> list[str]:
+    """One PNG per kernel op (speedup over each peer, and % of the ceiling, against problem size), one for
+    generation (decode speedup over each peer, and % of the weight-streaming floor, against batch), one for
+    the engine (output tokens/s of each system against concurrency) and one for the CPU batch-1 decode (ms
+    per step of each engine beside the floors). Each states the machine, the date and the dtypes."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
+    rows = doc.get("rows", [])
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    kern = rows_of(rows, "kernel")
-    for op in dict.fromkeys(r["op"] for r in kern):
-        op_rows = sorted((r for r in kern if r["op"] == op), key=_work)
-        fig, (ax_s, ax_c) = plt.subplots(1, 2, figsize=(12, 4.2))
-        for dtype in dict.fromkeys(r["dtype"] for r in op_rows):
-            for peer in dict.fromkeys(r["peer"] for r in op_rows if r["dtype"] == dtype):
-                series = [r for r in op_rows if r["dtype"] == dtype and r["peer"] == peer and r["speedup"]]
-                if series:
-                    ax_s.plot([_work(r) for r in series], [r["speedup"] for r in series], "o-",
-                              label=f"{dtype} vs {peer}")
-            series = list({r["shape"]: r for r in op_rows if r["dtype"] == dtype
-                           and r["pct_ceiling"] is not None}.values())
-            if series:
-                ax_c.plot([_work(r) for r in series], [r["pct_ceiling"] for r in series], "o-", label=dtype)
-        unit = op_rows[0]["unit"]
-        size = "FLOPs per call" if unit == "TFLOP/s" else "bytes moved per call"
-        ax_s.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax_s.set(xscale="log", xlabel=size, ylabel="speedup (peer ms / ours ms)", title=f"{op}: speedup")
-        ax_c.set(xscale="log", xlabel=size, ylabel=f"% of measured ceiling ({unit})", title=f"{op}: % of ceiling")
-        if not ax_c.lines:
-            ax_c.text(0.5, 0.5, f"no {unit} ceiling measured on this device", ha="center", va="center",
-                      transform=ax_c.transAxes)
-        for ax in (ax_s, ax_c):
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
-        fig.suptitle(f"{op}{title_suffix}")
-        path = os.path.join(out_dir, f"{slug(op)}.png")
+
+    def save(fig, name, title, fig_rows):
+        fig.suptitle(f"{title}\n{_stamp(doc, fig_rows)}", fontsize=10)
+        path = os.path.join(out_dir, name)
         _save(fig, path)
         plt.close(fig)
         written.append(path)
 
+    kern = rows_of(rows, "kernel")
+    for op in dict.fromkeys(r["op"] for r in kern):
+        op_rows = sorted((r for r in kern if r["op"] == op), key=_work)
+        unit = op_rows[0]["unit"]
+        size = "FLOPs/call" if unit == "TFLOP/s" else "bytes/call"
+        speed, ceiling = {}, {}
+        for r in op_rows:
+            if r["speedup"]:
+                speed.setdefault(f"{r['dtype']} vs {r['peer']}", []).append((_work(r), r["speedup"]))
+            if r["pct_ceiling"] is not None:
+                ceiling.setdefault(r["dtype"], {})[r["shape"]] = (_work(r), r["pct_ceiling"])
+        fig, (ax_s, ax_c) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+        draw_series(ax_s, speed, size, "speedup (peer ms / ours ms)", f"{op}: speedup", ref=1.0)
+        draw_series(ax_c, {k: list(v.values()) for k, v in ceiling.items()}, size,
+                    f"% of measured ceiling ({unit})", f"{op}: % of ceiling")
+        if not ceiling:
+            ax_c.texts[-1].set_text(f"no {unit} ceiling measured on this device")
+        save(fig, f"{slug(op)}.png", op, op_rows)
+
     gen = rows_of(rows, "generate")
     if gen:
-        fig, (ax_s, ax_f) = plt.subplots(1, 2, figsize=(12, 4.2))
-        for model in dict.fromkeys(r["model"] for r in gen):
-            for peer in dict.fromkeys(r["peer"] for r in gen if r["model"] == model):
-                series = sorted((r for r in gen if r["model"] == model and r["peer"] == peer
-                                 and r.get("decode_speedup")), key=lambda r: r["batch"])
-                if series:
-                    ax_s.plot([r["batch"] for r in series], [r["decode_speedup"] for r in series], "o-",
-                              label=f"{model} vs {peer}")
-            series = sorted({r["batch"]: r for r in gen if r["model"] == model}.values(), key=lambda r: r["batch"])
-            ax_f.plot([r["batch"] for r in series], [r["pct_floor"] for r in series], "o-", label=model)
-        ax_s.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax_s.set(xscale="log", xlabel="batch", ylabel="decode speedup (peer ms / ours ms)",
-                 title="decode: speedup over transformers")
-        ax_f.set(xscale="log", xlabel="batch", ylabel="% of weight-streaming floor (floor ms / ms per step)",
-                 title="decode: % of the weight-streaming floor")
-        for ax in (ax_s, ax_f):
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
-        fig.suptitle(f"generate{title_suffix}")
-        path = os.path.join(out_dir, "generate.png")
-        _save(fig, path)
-        plt.close(fig)
-        written.append(path)
+        speed, floor = {}, {}
+        for r in gen:
+            if r.get("decode_speedup"):
+                speed.setdefault(f"{r['model']} vs {r['peer']}", []).append((r["batch"], r["decode_speedup"]))
+            if r.get("pct_floor") is not None:
+                floor.setdefault(r["model"], {})[r["batch"]] = (r["batch"], r["pct_floor"])
+        fig, (ax_s, ax_f) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+        draw_series(ax_s, speed, "batch", "decode speedup (peer ms / ours ms)", "decode: speedup over transformers",
+                    ref=1.0)
+        draw_series(ax_f, {k: list(v.values()) for k, v in floor.items()}, "batch",
+                    "% of floor (floor ms / ms per step)", "decode: % of the weight-streaming floor", ref=100.0)
+        save(fig, "generate.png", "generate", gen)
+
+    engine = rows_of(rows, "engine")
+    if engine:
+        series = {}
+        for r in engine:
+            series.setdefault(r["system"], []).append((r["concurrency"], r["output_tok_s"]))
+        fig, ax = plt.subplots(figsize=(8, 4.6), layout="constrained")
+        draw_series(ax, series, "concurrency", "output tokens/s", "engine: output tokens/s by concurrency")
+        save(fig, "engine.png", f"engine ({engine[0]['model']}, {engine[0]['requests']} requests)", engine)
+
+    cpu = rows_of(rows, "cpu_decode")
+    if cpu:
+        fig, ax = plt.subplots(figsize=(8, 4.6), layout="constrained")
+        bars = {"fastgpt": "ours_step_ms", "transformers": "peer_step_ms",
+                "floor (copy bandwidth)": "floor_ms", "floor (read bandwidth)": "read_floor_ms"}
+        width = 0.8 / len(cpu)
+        for i, r in enumerate(cpu):
+            values = [r.get(k) or 0.0 for k in bars.values()]
+            b = ax.bar([j + i * width for j in range(len(bars))], values, width,
+                       label=f"{r['model']}, {r['threads']} threads, load {r['load_avg_before']:.1f}")
+            ax.bar_label(b, fmt="%.1f", fontsize=8)
+        ax.set_xticks([j + (len(cpu) - 1) * width / 2 for j in range(len(bars))], list(bars), fontsize=8)
+        ax.set(ylabel="ms per decode step (lower is better)", title="batch-1 decode step and its floors")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        save(fig, "cpu-decode.png", "CPU decode", cpu)
     return written

@@ -28,7 +28,11 @@ START_TIMEOUT_S = 180.0
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict | None = None, start_timeout_s: float = START_TIMEOUT_S):
+    def __init__(self, *args: str, env: dict | None = None, start_timeout_s: float = START_TIMEOUT_S,
+                 launcher: list[str] | None = None):
+        """launcher: what runs ``-m fastgpt serve`` (default: this interpreter), e.g. torchrun's command line
+        for a tensor-parallel server (rank 0 prints the URL). A launcher gets a session of its own, so that
+        a kill reaches its ranks too (SIGKILL to torchrun alone would leave them running)."""
         child_env = {k: v for k, v in os.environ.items() if k != "FASTGPT_API_KEY"}
         # the server runs the engine's plain PyTorch path on CPU, as a user's would (the test suite's
         # TRITON_INTERPRET=1 is for the kernel tests)
@@ -36,9 +40,10 @@ class ServerProcess:
                          PYTHONPATH=os.pathsep.join([REPO_ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
         child_env.update(env or {})
         self.args = list(args)
-        self.proc = subprocess.Popen([sys.executable, "-m", "fastgpt", "serve", "--port", "0", *args],
+        self.proc = subprocess.Popen([*(launcher or [sys.executable]), "-m", "fastgpt", "serve", "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env,
-                                     cwd=REPO_ROOT, errors="replace")
+                                     cwd=REPO_ROOT, errors="replace", start_new_session=launcher is not None)
+        self._own_group = launcher is not None
         self.lines: list[str] = []
         self.url: str | None = None
         self._listening = threading.Event()
@@ -93,7 +98,10 @@ class ServerProcess:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                if self._own_group:  # the launcher and every rank it started
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                else:
+                    self.proc.kill()
                 self.proc.wait(10)
         self._reader.join(5)
 

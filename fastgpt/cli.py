@@ -2,6 +2,11 @@
 
 A mistake by the user (bad argument, missing model, bad data) prints one line to stderr and exits with
 status 2; no traceback.
+
+``bench`` lives in benchmarks/cli.py, beside the suites it runs: benchmarks depends on fastgpt, never the
+reverse. This file names it by string only and imports it when ``fastgpt bench`` is run; nothing in
+fastgpt imports benchmarks (tests/test_bench.py checks), and without the benchmarks package (it ships in
+fastgpt's source tree and wheel) ``fastgpt bench`` says so in one line.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 SUBCOMMANDS = {
     "generate": ("fastgpt.cli", "generate text from one or more prompts, streaming it as it comes"),
     "serve": ("fastgpt.serve.cli", "serve the OpenAI API (completions, chat) over HTTP on the engine"),
-    "bench": ("fastgpt.bench", "time the fused kernels and generation against their peers"),
+    "bench": ("benchmarks.cli", "time the fused kernels and generation against their peers"),
     "train": ("fastgpt.train", "pretrain or fine-tune a model on text files, JSONL pairs or the stdlib corpus"),
 }
 
@@ -165,43 +170,55 @@ def run(args) -> int:
     prompts = read_prompts(args)
     validate_sampling(args.temperature, args.top_k, args.top_p)
     world = parallel.World.from_env()
-    if args.tp > 1 or world.size > 1:
-        if args.compile:
-            raise ValueError("--compile compiles the engine's step, which runs on one device: drop it with --tp")
-        return _run_tensor_parallel(args, prompts, world)
-    device = resolve_device(args.device)
     model_dir = _model_dir(args)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = GPT.from_pretrained(model_dir, device=device, dtype=args.dtype)
-    requests = []
-    for i, prompt in enumerate(prompts):
-        ids, max_new = _prompt_ids(tokenizer, model.config, prompt, args.max_new_tokens,
-                                   "prompt" if len(prompts) == 1 else f"prompt {i + 1}")
-        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p or 1.0,
-                                max_tokens=max_new, seed=args.seed)
-        requests.append((ids, params))
-    block_size = 16
-    needed = sum(-(-(len(ids) + p.max_tokens) // block_size) for ids, p in requests)
-    max_seqs = min(len(requests), 256)
-    engine = Engine(model, tokenizer, block_size=block_size, max_num_seqs=max_seqs,
-                    num_blocks=min(needed, default_num_blocks(model, block_size, max_seqs)), compile=args.compile)
-    for i, (ids, params) in enumerate(requests):
-        engine.add_request(str(i), ids, params)
+    tensor_parallel = args.tp > 1 or world.size > 1
+    if tensor_parallel and args.compile:
+        raise ValueError("--compile compiles the engine's step, which runs on one device: drop it with --tp")
+    if tensor_parallel:  # one shard per process; every rank runs what follows alike, rank 0 prints
+        world, device = parallel.launch_tensor_parallel(args.tp, args.device)
+    else:
+        device = resolve_device(args.device)
+    try:
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        if tensor_parallel:
+            model = parallel.load_tensor_parallel(model_dir, device=device, dtype=args.dtype)
+        else:
+            model = GPT.from_pretrained(model_dir, device=device, dtype=args.dtype)
+        requests = []
+        for i, prompt in enumerate(prompts):
+            ids, max_new = _prompt_ids(tokenizer, model.config, prompt, args.max_new_tokens,
+                                       "prompt" if len(prompts) == 1 else f"prompt {i + 1}")
+            params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p or 1.0,
+                                    max_tokens=max_new, seed=args.seed)
+            requests.append((ids, params))
+        block_size = 16
+        needed = sum(-(-(len(ids) + p.max_tokens) // block_size) for ids, p in requests)
+        max_seqs = min(len(requests), 256)
+        engine = Engine(model, tokenizer, block_size=block_size, max_num_seqs=max_seqs,
+                        num_blocks=min(needed, default_num_blocks(model, block_size, max_seqs)), compile=args.compile)
+        for i, (ids, params) in enumerate(requests):
+            engine.add_request(str(i), ids, params)
 
-    printer = _Printer(sys.stdout, prompts)
-    t0 = time.perf_counter()
-    t_first = None
-    n_tokens = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if t_first is None:
-                t_first = time.perf_counter()
-            completion = out.outputs[0]
-            printer.update(int(out.request_id), completion.text, out.finished)
-            if out.finished:
-                n_tokens += sum(1 for t in completion.token_ids if t != tokenizer.eos_token_id)
-    t_end = time.perf_counter()
-    where = f"{device}, {model.dtype}".replace("torch.", "")
+        printer = _Printer(sys.stdout if world.is_main else io.StringIO(), prompts)
+        t0 = time.perf_counter()
+        t_first = None
+        n_tokens = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if t_first is None:
+                    t_first = time.perf_counter()
+                completion = out.outputs[0]
+                printer.update(int(out.request_id), completion.text, out.finished)
+                if out.finished:
+                    n_tokens += sum(1 for t in completion.token_ids if t != tokenizer.eos_token_id)
+        t_end = time.perf_counter()
+    finally:
+        if tensor_parallel:
+            parallel.destroy_process_group()
+    where = f"{device}{f' x {world.size} ranks (tensor parallel)' if tensor_parallel else ''}, {model.dtype}"
+    where = where.replace("torch.", "")
+    if not world.is_main:
+        return 0
     if len(prompts) == 1:
         decode_s = t_end - (t_first or t_end)
         rate = (n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else float("nan")
@@ -214,64 +231,30 @@ def run(args) -> int:
     return 0
 
 
-def _run_tensor_parallel(args, prompts: list[str], world) -> int:
-    """One prompt through a model sharded by heads over torchrun's processes (the engine runs on one
-    device): the dense path's stream; every rank generates the same text, rank 0 prints it."""
-    import torch
-
-    from fastgpt import Tokenizer, parallel
-
-    if len(prompts) > 1:
-        raise ValueError(f"--tp runs one prompt at a time, got {len(prompts)}")
-    world, device = parallel.launch_tensor_parallel(args.tp, args.device)
-    model_dir = _model_dir(args)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = parallel.load_tensor_parallel(model_dir, device=device, dtype=args.dtype)
-    ids, max_new = _prompt_ids(tokenizer, model.config, prompts[0], args.max_new_tokens, "prompt")
-    input_ids = torch.tensor([ids], device=device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-
-    out = sys.stdout if world.is_main else io.StringIO()
-    printer = _Printer(out, prompts)
-    new_ids: list[int] = []
-    t0 = time.perf_counter()
-    t_first = None
-    for tokens in model.stream(input_ids, max_new, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, generator=generator):
-        if t_first is None:
-            t_first = time.perf_counter()
-        tok = int(tokens[0])
-        if tok == tokenizer.eos_token_id:
-            break
-        new_ids.append(tok)
-        text = tokenizer.decode(new_ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            printer.update(0, text, False)
-    printer.update(0, tokenizer.decode(new_ids), True)
-    t_end = time.perf_counter()
-    n = len(new_ids)
-    decode_s = t_end - (t_first or t_end)
-    rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
-    if world.is_main:
-        print(f"[{n} tokens in {t_end - t0:.2f} s; prefill {len(ids)} tokens {1e3 * ((t_first or t_end) - t0):.0f} ms; "
-              f"decode {rate:.1f} tokens/s; {device} x {world.size} ranks (tensor parallel), {model.dtype}]"
-              .replace("torch.", ""), file=sys.stderr)
-    parallel.destroy_process_group()
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------- main
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The parser; with ``only``, just that subcommand's module is imported (the others' imports and
-    possible breakage stay out of its way)."""
+    """The parser. Only the named subcommand's module is imported, for its options: the others' imports
+    and possible breakage stay out of its way (and `fastgpt --help` needs none of them)."""
     parser = _Parser(prog="fastgpt", description="GPT-2-family engine with fused Triton kernels")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if only in (None, name):
-            importlib.import_module(module).add_arguments(p)
-        p.set_defaults(_module=module)
+        if only == name:
+            _subcommand(name, module).add_arguments(p)
+        p.set_defaults(_module=module, _command=name)
     return parser
+
+
+def _subcommand(name: str, module: str):
+    """The subcommand's module; a missing package (benchmarks outside a full install) is one line."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        package = module.split(".")[0]
+        if e.name is None or e.name.split(".")[0] != package or package == "fastgpt":
+            raise
+        raise SystemExit(_fail(f"`fastgpt {name}` needs the {package} package, which ships with fastgpt's source "
+                               f"tree and wheel, and cannot be imported here ({e})")) from None
 
 
 def main(argv=None) -> int:
@@ -279,7 +262,7 @@ def main(argv=None) -> int:
     parser = build_parser(only=argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        return int(_subcommand(args._command, args._module).run(args) or 0)
     except USER_ERRORS as e:
         return _fail(str(e) or type(e).__name__)
     except KeyboardInterrupt:

@@ -44,11 +44,19 @@ class LayerNorm(nn.LayerNorm):
         return kernels.layer_norm(x, self.weight, self.bias, eps=self.eps, residual=residual)
 
 
+class Linear(nn.Linear):
+    """nn.Linear's parameters, with the forward from kernels (on CPU, a decode step's product is split
+    across the threads)."""
+
+    def forward(self, x):
+        return kernels.linear(x, self.weight, self.bias)
+
+
 class TiedEmbedding(nn.Embedding):
     """The token embedding, whose table is also the output layer (GPT-2 ties them)."""
 
     def logits(self, x):
-        return F.linear(x, self.weight)  # (..., V)
+        return kernels.linear(x, self.weight)  # (..., V)
 
     def loss(self, x, targets, reduction: str = "mean"):
         """Cross-entropy of logits(x) against targets (-100: no loss there), without the logits: the fused
@@ -65,8 +73,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.kv_cache: KVCache | None = None
         self.kv_pages: tuple[torch.Tensor, torch.Tensor] | None = None  # the engine's paged cache (k, v)
@@ -209,12 +217,15 @@ class GPT(nn.Module):
             block.attn.kv_cache = None
 
     def use_cpu_decode_layout(self) -> "GPT":
-        """Store the weights that batch-1 decode streams on CPU in (in, out) order, as transposed views.
+        """Store the weights that decode streams on CPU in (in, out) order, as transposed views.
 
-        PyTorch's CPU matrix-vector product reads these faster that way than in nn.Linear's (out, in)
-        order (measured with torch 2.13 on 1 thread: the tied head 12.9 -> 22.5 GB/s, a gpt2 decode
-        step 43 -> 33 ms); mlp.c_proj reads faster as it is. Values and shapes are unchanged. The
-        Triton launchers want (out, in) rows, so this is for CPU models only (``from_pretrained`` on CPU).
+        MKL's one-row product reads these faster that way than in nn.Linear's (out, in) order (torch
+        2.13, 1 thread: the tied head 12.9 -> 22.5 GB/s, a gpt2 decode step 43 -> 33 ms); mlp.c_proj
+        (768 x 3072) reads faster as it is, on one thread and in batches. On more threads each weight is
+        read in contiguous blocks, one per thread, which either order allows (kernels.reference.linear:
+        split over the input features of an (in, out) weight, over the output rows of an (out, in) one).
+        Values and shapes are unchanged. The Triton launchers want (out, in) rows, so this is for CPU
+        models only (``from_pretrained`` on CPU).
         """
         for name, p in self.named_parameters():
             if name.endswith(CPU_INPUT_MAJOR) and p.is_contiguous():

@@ -24,6 +24,9 @@ Two all-reduces per block and two collectives per forward, of (B, T, C) or (B, T
 Every rank runs the same generation loop: the inputs of every sampling step are results of the same
 collectives, bit for bit the same on every rank, so the same seed picks the same token everywhere and
 nothing needs to be broadcast. The TP modules are for inference (their collectives have no backward).
+The engine runs the same way on every rank; ``TPGroup`` is what its ranks settle once when it is made
+(settings, the shared generator's seed, the KV-cache size), and ``Lockstep`` carries the server's requests
+from rank 0, which takes them over HTTP, to the other ranks before each step.
 
 Data parallelism (training): DDP, or FSDP2's ``fully_shard`` per block and at the root. The loop draws
 each optimizer step's windows as one global batch (batch x grad-accum x world) and every rank takes its
@@ -429,6 +432,78 @@ def load_tensor_parallel(name_or_path, device=None, dtype=None, group=None, cpu_
     _tensor_parallel_structure(model, rank, tp, group)
     model.load_state_dict(local, strict=True, assign=True)
     return _finish(model, device, cpu_decode_layout)
+
+
+# ------------------------------------------------------------------------------- the engine under TP
+class TPGroup:
+    """What an engine on a tensor-parallel model settles with the other ranks, once, when it is made.
+
+    The engine runs the same schedule on every rank (engine.py): each decision is a function of the requests
+    (the same on every rank), the logits (the same collectives' results) and the generators, which must
+    therefore be seeded alike; and of the settings and the KV-cache size, which must agree."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self._src = 0 if group is None else dist.get_global_rank(group, 0)
+
+    def min(self, value: int) -> int:
+        """The smallest value over the ranks (e.g. the KV blocks that fit in every GPU's free memory)."""
+        t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
+    def shared_seed(self, generator: torch.Generator) -> int:
+        """Seed generator from rank 0's fresh random seed, on every rank; returns the seed."""
+        payload = [generator.seed() if self.rank == 0 else None]
+        dist.broadcast_object_list(payload, src=self._src, group=self.group)
+        generator.manual_seed(payload[0])
+        return payload[0]
+
+    def check_same(self, what: str, settings: dict) -> None:
+        """Raise the same ValueError on every rank unless settings are equal on all of them."""
+        everyone = [None] * self.size
+        dist.all_gather_object(everyone, settings, group=self.group)
+        differ = sorted(k for k in settings if len({repr(s.get(k)) for s in everyone}) > 1)
+        if differ:
+            per_rank = "; ".join(f"{k}: " + ", ".join(f"rank {r} {s.get(k)!r}" for r, s in enumerate(everyone))
+                                 for k in differ)
+            raise ValueError(f"{what} must be the same on every tensor-parallel rank, but {per_rank}")
+
+
+def tensor_parallel_group(model) -> TPGroup | None:
+    """The TP group of a model sharded by ``tensor_parallel`` / ``load_tensor_parallel``; None for a whole model."""
+    wte = model.transformer.wte
+    return TPGroup(wte.group) if isinstance(wte, VocabParallelEmbedding) else None
+
+
+class Lockstep:
+    """The server under TP: rank 0 takes the requests over HTTP; before each engine step it hands the step's
+    inputs (new requests, aborts, calls, in the order it applies them) to every rank, which apply the same
+    and step alike. Every rank makes one (collectively); rank 0 calls ``share(commands)``, the others
+    ``share()``, which returns what rank 0 sent: a list, or None when the server stops.
+
+    The commands are Python objects and go through a group of their own, gloo, CPU to CPU: on CUDA the
+    default group is NCCL, whose object broadcast would round-trip through the GPU and whose waiting rank
+    spins a kernel while the server idles; and on any backend a group of their own keeps them from ever
+    pairing up with the model's collectives."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self.group = dist.new_group(backend="gloo")
+        self.closed = False
+
+    def share(self, commands: list | None = None) -> list | None:
+        payload = [commands if self.world.is_main else None]
+        dist.broadcast_object_list(payload, src=0, group=self.group)
+        if payload[0] is None:
+            self.closed = True
+        return payload[0]
+
+    def close(self) -> None:
+        """Rank 0: tell the other ranks that the server stopped (once; later calls do nothing)."""
+        if self.world.is_main and not self.closed:
+            self.share(None)
 
 
 # ----------------------------------------------------------------------------------- data parallelism

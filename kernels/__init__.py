@@ -34,6 +34,7 @@ import os
 import threading
 
 import torch
+import torch.nn.functional as F
 
 # The kernel modules are imported here, before the public ops are defined, for a reason: importing a
 # submodule for the first time binds it on the package under its own name, and three of them share
@@ -49,8 +50,8 @@ from kernels import reference
 from kernels import library as _library  # noqa: E402  (registers torch.ops.fastgpt.*)
 
 __all__ = ["flash_attention", "decode_attention", "paged_decode_attention", "paged_prefill_attention",
-           "paged_kv_write", "layer_norm", "gelu_mlp", "linear_cross_entropy", "reference", "reference_ops",
-           "uses_triton"]
+           "paged_kv_write", "layer_norm", "gelu_mlp", "linear", "linear_cross_entropy", "reference",
+           "reference_ops", "uses_triton"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -347,6 +348,34 @@ def linear_cross_entropy(x, weight, targets, ignore_index: int = -100, reduction
     if bool(bad.any()):
         raise ValueError(f"targets hold {int(t2[bad][0])}, outside [0, {V}) and not ignore_index={ignore_index}")
     return _cross_entropy.fused_linear_cross_entropy(x2, weight, t2, backend="torch", **kw)
+
+
+def linear(x, weight, bias=None) -> torch.Tensor:
+    """x @ weight.T + bias: the model's plain projections (attention in and out, the tied head).
+
+    x: (..., in); weight: (out, in), stored either way (a transposed view of an (in, out) tensor is fine);
+    bias: None or (out,). Returns (..., out) in x's dtype, or under autocast in the autocast dtype (the
+    operands may then differ in dtype, as for F.linear). There is no Triton kernel: on CUDA this is
+    F.linear (cuBLAS; the fused epilogues that Triton earns its keep with are in gelu_mlp), on a CPU
+    kernels.reference.linear, which splits a decode step's few-row product across the CPU threads.
+    Differentiable.
+    """
+    _check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    same_dtype = _autocast_dtype(x) is None
+    _check_tensor("weight", weight, 2)
+    _check_same("weight", weight, "x", x, dtype=same_dtype)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape (out, {x.shape[-1]}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        _check_same("bias", bias, "x", x, dtype=same_dtype)
+        _check_shape("bias", bias, (weight.shape[0],))
+    if x.is_cuda:
+        return F.linear(x, weight, bias)
+    return reference.linear(x, weight, bias)
 
 
 # ------------------------------------------------------------------------------- paged KV cache (engine)

@@ -35,16 +35,115 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | 
     # read only the filled part of the cache (a free host read on CPU; a sync on a GPU; under torch.compile
     # a data-dependent shape, so the whole cache, masked)
     if not q.is_cuda and not torch.compiler.is_compiling():
-        filled = max(int(cache_seqlens.max()), 1)
+        lens = cache_seqlens.tolist()
+        filled = max(max(lens), 1)
         k_cache, v_cache = k_cache[:, :, :filled], v_cache[:, :, :filled]
+        if min(lens) == filled:
+            # every row as long as the longest (always so at batch 1): no mask to build, and SDPA's one
+            # call is 15 us where the spelled-out ops below take 55 (1 thread, gpt2's 12 heads; its
+            # parallel region costs little more than the one split-K linear opens per projection)
+            return F.scaled_dot_product_attention(q, k_cache, v_cache, scale=scale)
     Tmax = k_cache.shape[-2]
     valid = torch.arange(Tmax, device=q.device)[None, :] < cache_seqlens.to(q.device).long()[:, None]  # (B, Tmax)
-    # spelled out rather than SDPA: for a single query, CPU SDPA's threaded kernel cost milliseconds
-    # per call on a busy 2-core machine (seen: 5.6 ms vs 0.03 ms for these three small ops)
+    # ragged rows spelled out rather than SDPA with a mask: for a single query, CPU SDPA's threaded kernel
+    # with a mask cost milliseconds per call on a busy 2-core machine (seen: 5.6 ms vs 0.03 ms)
     acc_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 softmax, float64 kept for the truth
     scores = torch.matmul(q, k_cache.transpose(-1, -2)).to(acc_dtype) * scale  # (B, H, 1, Tmax)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     return torch.matmul(scores.softmax(dim=-1).to(v_cache.dtype), v_cache)
+
+
+def linear(x, weight, bias=None) -> torch.Tensor:
+    """x @ weight.T + bias, as F.linear: x (..., in), weight (out, in) in either storage order, bias (out,).
+
+    A few rows on a CPU (decode steps: one row per sequence) make a product whose time is the time to read
+    the weight once. F.linear hands it to MKL, which runs a one-row product on a single thread whatever
+    torch.set_num_threads says (seen in per-thread CPU time, torch 2.13 on a 2-core AMD EPYC), so the other
+    cores' memory bandwidth goes unused; a few rows it does thread, but slowly. So the weight is read in S
+    contiguous blocks, one per thread, as S independent products that torch.bmm hands to MKL's batched
+    GEMM, one per thread:
+      * stored (in, out) (GPT.use_cpu_decode_layout), its input features split (split-K):
+            y = sum_s x[:, slice_s] @ weight.T[slice_s]    (rows, in/S) @ (in/S, out) each, then summed;
+      * stored (out, in), its output rows split: y[:, block_s] = x @ weight[block_s].T, one row only
+        (a few rows MKL already threads).
+    See linear_plan for when; everything else is F.linear.
+    """
+    how, splits = linear_plan(x, weight, bias)
+    if how == "split-k":
+        return _split_k_linear(x, weight, bias, splits)
+    if how == "split-rows":
+        return _split_rows_linear(x, weight, bias, splits)
+    return F.linear(x, weight, bias)
+
+
+# Splitting pays while the weight read dominates: split-K measured faster than F.linear up to 64 rows and
+# even at 512 (per-thread CPU time, gpt2's c_attn and mlp.c_proj shapes, 2 threads), so prefill-sized
+# products stay F.linear; and while a weight's read (>= 1 MB: 30 us and more) outweighs the parallel region
+# and the small ops a split adds (~10 us), so a tiny model's products stay F.linear too.
+SPLIT_MAX_ROWS = 64
+SPLIT_MIN_WEIGHT = 1 << 18  # elements
+_MKL = None  # torch.backends.mkl.is_available(), looked up on first use
+
+
+def linear_plan(x, weight, bias=None) -> tuple[str, int]:
+    """How ``linear`` computes this product: ("split-k", S), ("split-rows", S) or ("f.linear", 1).
+
+    A split needs: a CPU with more than one intra-op thread; fp32 throughout and no autocast (the float64
+    truth and autocast's casts keep F.linear); a weight of at least SPLIT_MIN_WEIGHT elements whose
+    blocks are contiguous, i.e. stored (in, out) for split-K (up to SPLIT_MAX_ROWS rows) or (out, in) for
+    split-rows (one row); nothing autograd must see; and MKL, whose batched GEMM runs the blocks on
+    separate threads (without it torch.bmm loops over them on one thread, and F.linear is better). S is
+    the greatest common divisor of the thread count and the split dimension (2 for gpt2 on 2 threads),
+    so the blocks are equal."""
+    global _MKL
+    plain = ("f.linear", 1)
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return plain
+    if torch.is_autocast_enabled("cpu"):  # F.linear casts as autocast says; bmm's partial sums would not
+        return plain
+    out_features, in_features = weight.shape
+    rows = x.numel() // max(in_features, 1)
+    if rows > SPLIT_MAX_ROWS or weight.numel() < SPLIT_MIN_WEIGHT:
+        return plain
+    if bias is not None and bias.dtype != torch.float32:
+        return plain
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return plain
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return plain
+    if _MKL is None:
+        _MKL = torch.backends.mkl.is_available()
+    if not _MKL:
+        return plain
+    if weight.stride() == (1, out_features):  # (in, out) storage
+        splits = math.gcd(threads, in_features)
+        return ("split-k", splits) if splits > 1 else plain
+    if weight.stride() == (in_features, 1) and rows == 1:  # (out, in) storage
+        splits = math.gcd(threads, out_features)
+        return ("split-rows", splits) if splits > 1 else plain
+    return plain
+
+
+def _split_k_linear(x, weight, bias, splits: int):
+    out_features, in_features = weight.shape
+    rows = x.reshape(-1, splits, in_features // splits).transpose(0, 1)  # (S, M, in / S)
+    slices = weight.t().view(splits, in_features // splits, out_features)  # (S, in / S, out): no copy
+    y = torch.bmm(rows, slices).sum(0)  # (M, out)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _split_rows_linear(x, weight, bias, splits: int):
+    out_features, in_features = weight.shape
+    row = x.reshape(1, 1, in_features).expand(splits, 1, in_features)  # (S, 1, in), one copy of x read S times
+    blocks = weight.view(splits, out_features // splits, in_features)  # (S, out / S, in): no copy
+    y = torch.bmm(row, blocks.transpose(1, 2)).view(out_features)  # (S, 1, out / S) -> (out,)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], out_features)
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
@@ -62,7 +161,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None, dropout_p: float = 0.0) -> torch.Tensor:
     """dropout(gelu_tanh(x @ fc_weight.T + fc_bias) @ proj_weight.T + proj_bias) (+ residual)."""
-    y = F.linear(gelu_tanh(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
+    y = linear(gelu_tanh(linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
     if dropout_p > 0:
         y = F.dropout(y, dropout_p, training=True)
     return y if residual is None else y + residual

@@ -12,9 +12,9 @@ import types
 import pytest
 import torch
 
-from benchmarks import bench_generate
+from benchmarks import bench_generate, bench_kernels, report
+from benchmarks import cli as bench_cli
 from benchmarks.common import timing_row
-from fastgpt import bench
 from fastgpt.cli import main
 from fastgpt.config import GPTConfig
 from fastgpt.model import GPT
@@ -55,7 +55,7 @@ def test_bench_smoke_run_writes_json_and_plots(tmp_path, capsys):
     assert "matmul_tflops" not in doc["ceilings"]  # CPU: copy bandwidth only
     kernel_rows = [r for r in doc["rows"] if r["kind"] == "kernel"]
     # one row op per public op: the paged_attention suite times three
-    assert {r["op"] for r in kernel_rows} == set(bench.KERNEL_OPS) - {"paged_attention"} | PAGED_OPS
+    assert {r["op"] for r in kernel_rows} == set(bench_kernels.KERNEL_OPS) - {"paged_attention"} | PAGED_OPS
     for r in kernel_rows:
         assert TIMING_FIELDS <= set(r)
         assert r["backend"] == "cpu-reference"
@@ -70,11 +70,16 @@ def test_bench_smoke_run_writes_json_and_plots(tmp_path, capsys):
     positions = [r for r in doc["rows"] if r["kind"] == "decode_position"]
     assert sorted(r["context"] for r in positions) == [16, 256]
     assert all(r["decode_ms"] > 0 for r in positions)
+    (cpu,) = [r for r in doc["rows"] if r["kind"] == "cpu_decode"]  # the CPU batch-1 comparison, merged in
+    assert cpu["same_tokens"] is True and cpu["peer"] == "transformers" and cpu["pairs"] == 1
+    assert cpu["ours_step_ms"] > 0 and cpu["floor_ms"] > 0 and cpu["read_floor_ms"] > 0
+    assert cpu["pct_floor"] == pytest.approx(100 * cpu["floor_ms"] / cpu["ours_step_ms"])
+    assert "CPU batch-1 decode" in out
 
     pngs = sorted(os.listdir(plot_dir))
     assert pngs == sorted(["attention.png", "decode-attention.png", "layer-norm.png", "gelu-mlp.png", "generate.png",
                            "paged-decode-attention.png", "paged-prefill-attention.png", "paged-kv-write.png",
-                           "cross-entropy.png"])
+                           "cross-entropy.png", "cpu-decode.png"])
     for name in pngs:
         _assert_png(plot_dir / name)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # atomic writes left no temp files
@@ -156,7 +161,7 @@ def test_bench_kernel_suites_missing_or_failing_are_reported(monkeypatch):
     monkeypatch.setitem(sys.modules, "benchmarks.bench_cross_entropy", None)
     notes, errors = [], []
     ceilings = {"copy_gbs": 1000.0, "matmul_tflops": 500.0}
-    rows = bench.run_kernel_suites("cuda", [torch.bfloat16], True, ceilings, notes, errors)
+    rows = bench_kernels.run_kernel_suites("cuda", [torch.bfloat16], True, ceilings, notes, errors)
 
     assert len(rows) == 1 and rows[0]["kind"] == "kernel" and rows[0]["backend"] == "triton"
     assert rows[0]["speedup"] == pytest.approx(2.0) and rows[0]["pct_ceiling"] == pytest.approx(100 * 2 / 500)
@@ -255,3 +260,133 @@ def test_bench_without_cuda_says_so(capsys):
     rc = main(["bench", "--device", "cuda", "--smoke"])
     assert rc == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- suites and the CLI glue
+def test_fastgpt_never_imports_benchmarks():
+    """Dependencies point one way: benchmarks imports fastgpt. fastgpt/cli.py names benchmarks.cli as a
+    string (imported only when `fastgpt bench` runs); no module of fastgpt has an import of benchmarks."""
+    import ast
+    import pathlib
+
+    import fastgpt
+
+    offenders = []
+    for path in pathlib.Path(fastgpt.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "benchmarks"]
+    assert offenders == []
+
+
+def test_bench_without_the_benchmarks_package_says_so_in_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "benchmarks.cli", None)  # import of it fails, as when it is not installed
+    rc = _exit_code(["bench", "--smoke"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "benchmarks package" in err and "Traceback" not in err
+
+
+def test_a_new_suite_is_one_registration(monkeypatch, capsys):
+    """A suite is a module with run_suite(ctx); a line in SUITES makes it `fastgpt bench NAME`, and rows of
+    a kind the report does not know yet still print, as a table of all their fields."""
+    seen = {}
+
+    def run_suite(ctx):
+        seen["ctx"] = ctx
+        ctx.notes.append("fake: a note")
+        return [{"kind": "fake_rows", "case": "a", "tok_s": 12.5}, {"kind": "fake_rows", "case": "b", "tok_s": 7.25}]
+
+    monkeypatch.setitem(sys.modules, "fake_suite_module", _fake_suite("fake_suite_module", run_suite=run_suite))
+    monkeypatch.setitem(bench_cli.SUITES, "fake", ("fake_suite_module", "a suite of the test", True))
+    rc = main(["bench", "fake", "--smoke", "--device", "cpu", "--dtype", "float32,float16"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    ctx = seen["ctx"]
+    assert ctx.device.type == "cpu" and ctx.smoke and ctx.dtypes == [torch.float32, torch.float16]
+    assert ctx.ceilings["copy_gbs"] > 0
+    assert "fake_rows" in out and "12.5" in out and "7.25" in out and "fake: a note" in out
+    assert "CPU reference path" not in out  # only the named suite ran
+
+
+def test_a_failing_or_missing_suite_is_reported_and_the_others_run(monkeypatch, capsys):
+    def boom(ctx):
+        raise RuntimeError("out of memory\nsecond line")
+
+    monkeypatch.setitem(sys.modules, "boom_suite", _fake_suite("boom_suite", run_suite=boom))
+    monkeypatch.setitem(sys.modules, "ok_suite", _fake_suite("ok_suite", run_suite=lambda ctx: [{"kind": "ok", "v": 1}]))
+    monkeypatch.setitem(sys.modules, "gone_suite", None)
+    monkeypatch.setitem(sys.modules, "own_jobs_suite",
+                        _fake_suite("own_jobs_suite", run_suite=lambda ctx: [{"kind": "own_jobs", "v": 2}]))
+    monkeypatch.setattr(bench_cli, "SUITES", {"boom": ("boom_suite", "", True), "gone": ("gone_suite", "", True),
+                                              "ok": ("ok_suite", "", True), "own": ("own_jobs_suite", "", False)})
+    rc = main(["bench", "all", "--smoke", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 1  # a failed suite fails the run
+    assert "suite boom: FAILED: RuntimeError: out of memory" in out and "second line" not in out
+    assert "suite gone: not available" in out
+    assert "== ok ==" in out
+    assert "own_jobs" not in out  # registered outside `all`: runs only when named
+
+
+def test_plots_draw_bars_for_one_point_per_series_and_lines_otherwise():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b, c) = plt.subplots(1, 3)
+    assert report.draw_series(a, {"gpt2 vs transformers": [(1, 1.3)], "tiny vs transformers": [(1, 3.1)]},
+                              "batch", "speedup", "t") == "bars"
+    assert len(a.patches) == 2 and not a.lines[1:]  # two bars (a.lines holds at most the reference line)
+    assert report.draw_series(b, {"s": [(1, 1.0), (8, 2.0)], "lone": [(1, 1.5)]}, "batch", "speedup", "t") == "lines"
+    assert len(b.lines) == 2 and not b.patches
+    assert report.draw_series(c, {}, "batch", "speedup", "t") == "empty"
+    plt.close(fig)
+    stamp = report._stamp({"device_name": "AMD EPYC (2 cores)", "date": "2026-12-01T10:00:00+00:00"},
+                          [{"dtype": "float32"}, {"dtype": "bfloat16"}, {"dtype": "float32"}])
+    assert stamp == "AMD EPYC (2 cores) | 2026-12-01 | float32, bfloat16"
+
+
+def test_cpu_decode_mode_of_the_generate_suite(capsys, monkeypatch):
+    """`python -m benchmarks.bench_generate --cpu-decode` (the old bench_generate_cpu.py): the table with
+    the same-tokens check, both speedups against their goals, and the two floors."""
+    pytest.importorskip("transformers")
+    interpret_before = os.environ.get("TRITON_INTERPRET")
+    assert bench_generate.main(["--cpu-decode", "--smoke", "--device", "cpu"]) == 0
+    assert os.environ.get("TRITON_INTERPRET") == interpret_before
+    out = capsys.readouterr().out
+    assert "same tokens as transformers: True" in out
+    assert "goal 1.5x" in out and "goal 70%" in out
+    assert "weight-streaming floor" in out and "read-only floor" in out
+
+
+def test_cpu_matvec_table_covers_every_candidate():
+    """benchmarks/bench_cpu_matvec.py on small shapes, one round: a rate (or the reason there is none) for
+    every candidate at every thread count, and the environment and load with the numbers."""
+    from benchmarks import bench_cpu_matvec
+
+    result = bench_cpu_matvec.measure([1, 2], 1, {"a": (256, 96), "odd": (257, 64)}, stream_bytes=1 << 20)
+    names = set(bench_cpu_matvec.candidates())
+    assert {"kernels.linear (in,out)", "bmm split-K (in,out)", "F.linear (out,in)"} <= names
+    rows = result["rows"]
+    assert len(rows) == 2 * 2 * len(names)
+    for r in rows:
+        assert (r["gbs"] is not None and r["gbs"] > 0) or r["note"], r
+    assert not [r for r in rows if r["note"] and r["note"].startswith("wrong result")]
+    assert result["load_avg_before"] and result["device_name"] and result["date"]
+    table = bench_cpu_matvec.format_table(result)
+    assert "load average" in table and "kernels.linear" in table
+
+
+def test_bench_engine_smoke_through_the_cli(tmp_path, capsys):
+    """`fastgpt bench engine` (a suite outside `all`): its rows, speedup notes and plot."""
+    pytest.importorskip("transformers")
+    rc = main(["bench", "engine", "--smoke", "--device", "cpu", "--plot", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Engine: continuous batching" in out and "fastgpt engine vs transformers static" in out
+    assert "engine: 4 requests" in out
+    _assert_png(tmp_path / "engine.png")

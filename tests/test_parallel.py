@@ -155,6 +155,13 @@ def test_tensor_parallel_size_must_divide_the_heads():
         check_tensor_parallel(GPTConfig(), 0)
 
 
+def test_serve_tp_without_torchrun_says_how_to_launch(capsys):
+    pytest.importorskip("fastapi")
+    assert main(["serve", "--tp", "2", "--device", "cpu", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "torchrun --nproc-per-node 2" in err and len(err.strip().splitlines()) == 1
+
+
 def test_world_from_env():
     assert World.from_env({}) == World(0, 1, 0)
     assert World.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == World(1, 2, 1)
@@ -261,14 +268,16 @@ def test_tp_size_not_dividing_heads_fails_alike_on_every_rank(tp_results):
 
 
 def test_torchrun_generate_tp_prints_the_one_process_text(tp_checkpoints, capsys, reference_path):
-    args = ["generate", "--device", "cpu", "--prompt", "def forward(self", "--temperature", "0",
-            "--max-new-tokens", "16"]
+    """Two prompts through the engine on every rank; rank 0 prints them, in order, as one process does."""
+    args = ["generate", "--device", "cpu", "--prompt", "def forward(self", "--prompt", "The os module",
+            "--temperature", "0", "--max-new-tokens", "16"]
     assert main(args) == 0
     expected = capsys.readouterr().out
+    assert expected.startswith("def forward(self") and "\nThe os module" in expected
     done = torchrun(["-m", "fastgpt", *args, "--tp", "2"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == expected  # printed once (rank 0), the same text
-    assert "x 2 ranks (tensor parallel)" in done.stderr
+    assert done.stderr.count("[2 prompts, ") == 1 and "x 2 ranks (tensor parallel)" in done.stderr
 
 
 def test_tp_size_not_dividing_the_heads_fails_on_every_rank(tp_checkpoints, tmp_path):
@@ -288,6 +297,115 @@ def test_tp_size_must_match_the_launch(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     assert main(["generate", "--tp", "3", "--prompt", "x", "--device", "cpu"]) == 2
     assert "torchrun started 2 processes but --tp is 3" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------- the engine on TP, 2 ranks
+@pytest.fixture(scope="module")
+def tp_engine_results(tp_checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp-engine")
+    c = tp_checkpoints
+    run_ranks([sys.executable, WORKER, "engine", str(out), c["bundled"], c["gpt2_shaped"], c["tiny_bin"]], out,
+              env={"TRITON_INTERPRET": "1"})
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def alone(model, prompts, max_tokens) -> list[list[int]]:
+    """GPT.generate on each prompt by itself (the dense cache, no engine)."""
+    return [model.generate(torch.tensor([p]), m)[0, len(p):].tolist() for p, m in zip(prompts, max_tokens)]
+
+
+def test_tp_engine_greedy_equals_one_process_under_every_schedule(tp_engine_results, tp_checkpoints, reference_path):
+    """Plain, chunked prefill (7-token budget, 5-token blocks) and preemption (a 10-block cache) on 2 ranks
+    give the tokens of the one-process engine and of GPT.generate on each prompt alone (float64)."""
+    from fastgpt import Engine
+    from parallel_worker import ENGINE_LENGTHS, ENGINE_MAX_TOKENS, ENGINE_REGIMES, engine_greedy, engine_prompts
+
+    model = GPT.from_pretrained(tp_checkpoints["bundled"], dtype=torch.float64)
+    prompts = engine_prompts(model.config.vocab_size)
+    with torch.inference_mode():
+        want = alone(model, prompts, ENGINE_MAX_TOKENS)
+        assert engine_greedy(Engine(model, num_blocks=64), prompts, ENGINE_MAX_TOKENS) == want
+    for rank, got in enumerate(tp_engine_results):
+        for name, _ in ENGINE_REGIMES:
+            assert got[f"bundled_{name}"] == want, f"rank {rank}, {name}"
+            s = got[f"bundled_{name}_stats"]
+            assert s == tp_engine_results[0][f"bundled_{name}_stats"]  # the very same schedule on each rank
+            assert s["free_blocks"] == s["total_blocks"] and s["tensor_parallel"] == 2 and s["cuda_graphs"] is None
+        assert got["bundled_preempting_stats"]["preemptions"] > 0
+        assert got["bundled_chunked_stats"]["steps"] > sum(ENGINE_LENGTHS) // 7
+        # the pages hold the rank's 3 of the 6 heads, and the engine's budget counts exactly those bytes
+        assert got["bundled_kv_pages_shape"] == (4, 10, 16, 3, 32)
+        assert got["bundled_kv_bytes"] == got["bundled_kv_bytes_expected"]
+
+
+def test_tp_engine_samples_alike_on_every_rank(tp_engine_results, tp_checkpoints, reference_path):
+    """Seeded samples (n=2, top-p) are the one-process engine's; unseeded ones draw from the shared
+    generator, seeded from rank 0 when the engine was made: the same on both ranks, and really sampled."""
+    from fastgpt import Engine, SamplingParams
+    from parallel_worker import engine_prompts
+
+    model = GPT.from_pretrained(tp_checkpoints["bundled"], dtype=torch.float64)
+    prompts = engine_prompts(model.config.vocab_size)[3:5]
+    seeded = Engine(model, num_blocks=64).generate(prompts, SamplingParams(n=2, temperature=1.0, top_p=0.9,
+                                                                           max_tokens=8, seed=7))
+    want = [[c.token_ids for c in o.outputs] for o in seeded]
+    r0, r1 = tp_engine_results
+    assert r0["bundled_seeded"] == r1["bundled_seeded"] == want
+    assert r0["bundled_unseeded"] == r1["bundled_unseeded"]
+    assert all(a != b for a, b in r0["bundled_unseeded"]) and r0["bundled_unseeded"] != want
+
+
+def test_tp_engine_gpt2_shaped_and_through_the_paged_kernels(tp_engine_results, tp_checkpoints, reference_path):
+    from parallel_worker import gpt2_shaped_prompts, tiny_prompts
+
+    model = GPT.from_pretrained(tp_checkpoints["gpt2_shaped"], dtype=torch.float64)
+    with torch.inference_mode():
+        want = alone(model, gpt2_shaped_prompts(model.config.vocab_size), [6, 6])
+    del model
+    tiny = GPT.from_pretrained(tp_checkpoints["tiny_bin"], cpu_decode_layout=False)
+    with torch.inference_mode():
+        want_tiny = alone(tiny, tiny_prompts(tiny.config.vocab_size), [4, 4])
+    for got in tp_engine_results:
+        assert got["gpt2_shaped"] == want  # 50257 tokens: the vocab shards' padding row never wins
+        assert got["gpt2_shaped_stats"]["steps"] > 3  # the 40-token prompt went in chunks of 16
+        assert got["tiny_triton"] == want_tiny
+
+
+def test_tp_engine_settings_must_agree(tp_engine_results):
+    for got in tp_engine_results:
+        message = got["mismatch_error"]
+        assert message is not None and "must be the same on every tensor-parallel rank" in message
+        assert "num_blocks: rank 0 10, rank 1 11" in message
+
+
+def test_tp_server_completion_equals_the_single_device_server():
+    """torchrun, 2 ranks: rank 0 serves, rank 1 follows; a greedy completion, and an echo with prompt
+    logprobs (a dense forward both ranks run), equal the single-device server's. SIGTERM stops both."""
+    pytest.importorskip("fastapi")
+    from benchmarks.serve_process import ServerProcess, httpx
+
+    body = {"prompt": "The os module", "max_tokens": 24, "temperature": 0}
+    echo = {"prompt": "def main():", "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 2}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                "127.0.0.1", "--master-port", str(free_port())]
+    answers = {}
+    for name, extra in (("tp", dict(launcher=launcher)), ("one", {})):
+        args = ["--device", "cpu", "--dtype", "float32", "--num-blocks", "64"] + (["--tp", "2"] if extra else [])
+        with ServerProcess(*args, env=dict(OMP_NUM_THREADS="1"), **extra) as server:
+            answers[name] = [httpx.post(server.url + "/v1/completions", json=b, timeout=120).json()
+                             for b in (body, echo)]
+            if name == "tp":  # SIGTERM to torchrun, which passes it on to both ranks
+                server.terminate(60)
+                server._reader.join(10)
+                assert "fastgpt.serve: stopped" in server.log()  # rank 0 drained and stopped
+                assert "rank 1: rank 0 stopped serving; leaving" in server.log()  # and told rank 1 to go
+    (tp, tp_echo), (one, one_echo) = answers["tp"], answers["one"]
+    assert tp["choices"][0]["text"] == one["choices"][0]["text"] and tp["usage"] == one["usage"]
+    assert tp["choices"][0]["text"]
+    a, b = tp_echo["choices"][0]["logprobs"], one_echo["choices"][0]["logprobs"]
+    assert a["tokens"] == b["tokens"] and tp_echo["choices"][0]["text"] == one_echo["choices"][0]["text"]
+    assert a["token_logprobs"][0] is None and b["token_logprobs"][0] is None
+    assert a["token_logprobs"][1:] == pytest.approx(b["token_logprobs"][1:], rel=1e-4, abs=1e-5)
 
 
 # ------------------------------------------------------------------------------ data parallel, 2 ranks
@@ -459,9 +577,13 @@ def test_bench_parallel_smoke_rows(reference_path):
     assert sorted(tp) == [1, 2] and tp[1]["comm_ms"] is None and tp[2]["comm_ms"] > 0
     for r in tp.values():
         assert r["tok_s"] == pytest.approx(r["batch"] / (r["decode_ms"] * 1e-3))
+    engine = {r["tp"]: r for r in rows if r["kind"] == "tp_engine"}
+    assert sorted(engine) == [1, 2] and engine[2]["same_tokens"] == "2/2" and "tokens" not in engine[2]
+    for r in engine.values():
+        assert r["tok_s"] == pytest.approx(r["requests"] * r["max_tokens"] / (r["generate_ms"] * 1e-3))
     dp = {r["ranks"]: r for r in rows if r["kind"] == "dp_train"}
     assert sorted(dp) == [1, 2] and dp[2]["mode"] == "ddp" and dp[1]["vs_one"] == pytest.approx(1.0)
     assert dp[2]["tok_s"] == pytest.approx(2 * dp[2]["batch_per_rank"] * dp[2]["block"] / (dp[2]["step_ms"] * 1e-3))
     assert any("not speed" in n for n in notes)
     text = render({"device_name": "cpu", "device": "cpu", "torch": "-", "triton": "-", "date": "-", "rows": rows})
-    assert "Tensor-parallel decode" in text and "Data-parallel training" in text
+    assert "Tensor-parallel decode" in text and "Data-parallel training" in text and "Tensor-parallel engine" in text

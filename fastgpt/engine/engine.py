@@ -18,6 +18,20 @@ Defaults that depend on the device (each can be given instead):
   * num_blocks: on CPU, a 1 GiB cache (less if max_num_seqs full-context sequences need less); on CUDA,
     80% of the memory free once the model is loaded (the rest is headroom for activations, logits and
     the CUDA graphs' pool). Either way at least one full-context sequence fits.
+
+Tensor parallelism: give the engine a model sharded by heads across a torchrun launch
+(``Engine.from_pretrained(..., tp=N)`` on every rank, or ``Engine(parallel.load_tensor_parallel(...))``),
+and make the same calls on every rank, with the same arguments in the same order (``generate``, or
+add_request / abort_request / step). Every rank then runs the same deterministic schedule and nothing is
+broadcast per step: the scheduler and the block manager decide from those calls alone (no clock, no
+randomness), the logits are results of the same collectives (bit for bit the same on every rank), and the
+generators are seeded alike (a request's seed; the shared one from rank 0's seed, sent once). When the
+engine is made, the ranks agree on its settings (a mismatch is the same ValueError on every rank) and on
+the KV-cache size: the cache holds the rank's own heads, and on CUDA the blocks are those that fit in
+every rank's free memory. Only the server needs more: rank 0 takes the requests and hands each step's
+inputs to the other ranks (``fastgpt.parallel.Lockstep``, serve/engine_loop.py).
+
+CUDA graphs are off under tensor parallelism (GRAPHS_OFF_UNDER_TP says why); the steps run eagerly.
 """
 
 from __future__ import annotations
@@ -37,20 +51,35 @@ CPU_MAX_BATCHED_TOKENS = 512
 CUDA_MAX_BATCHED_TOKENS = 8192
 CPU_KV_CACHE_BYTES = 1 << 30
 CUDA_KV_CACHE_FRACTION = 0.8
+# Capturing a step whose all-reduces are NCCL calls is possible (ProcessGroupNCCL skips its watchdog while
+# a stream captures), but it could not be tried without several GPUs, and it adds ways for ranks to part:
+# a rank whose capture fails would run eagerly while the others replay, their collectives no longer pair
+# up and every rank hangs; and destroy_process_group is reported to hang after NCCL work was captured
+# (pytorch/pytorch#115388). Until a multi-GPU run validates it, TP steps run eagerly.
+GRAPHS_OFF_UNDER_TP = "off under tensor parallelism (not validated with NCCL collectives in the graph)"
 
 
 def default_num_blocks(model, block_size: int, max_num_seqs: int) -> int:
     """KV-cache blocks when num_blocks is not given: on CUDA, CUDA_KV_CACHE_FRACTION of the free memory;
     on CPU, CPU_KV_CACHE_BYTES, or less when max_num_seqs full-context sequences need less. Never fewer
-    than one full-context sequence needs."""
-    per_block = bytes_per_block(model.config, block_size, model.dtype)
+    than one full-context sequence needs. Blocks hold this process's heads; under tensor parallelism every
+    rank must call this, and all get the smallest count of any rank (the same block tables run on each)."""
+    per_block = bytes_per_block(model, block_size)
     full_context = -(-model.config.n_positions // block_size)
     if model.device.type == "cuda":
         budget = CUDA_KV_CACHE_FRACTION * torch.cuda.mem_get_info(model.device)[0]
         blocks = int(budget // per_block)
     else:
         blocks = min(int(CPU_KV_CACHE_BYTES // per_block), max_num_seqs * full_context)
-    return max(blocks, full_context)
+    blocks = max(blocks, full_context)
+    tp = _tensor_parallel_group(model)
+    return blocks if tp is None else tp.min(blocks)
+
+
+def _tensor_parallel_group(model):
+    from fastgpt import parallel  # torch.distributed, only where a model might be sharded
+
+    return parallel.tensor_parallel_group(model)
 
 
 def _positive_int(name: str, value) -> int:
@@ -63,13 +92,18 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  enable_prefix_caching: bool = True, cuda_graphs: bool = True, compile: bool = False):
-        """model: a fastgpt GPT (any device and dtype it supports); tokenizer: a fastgpt Tokenizer, or None
-        for token-id prompts only (outputs then have no text). compile: run each step's packed forward
-        through torch.compile (see runner.py; the first steps of each kind pay the compilation)."""
+        """model: a fastgpt GPT (any device and dtype it supports), whole or this rank's shard (then every
+        rank makes its engine alike; see the module docstring); tokenizer: a fastgpt Tokenizer, or None for
+        token-id prompts only (outputs then have no text). compile: run each step's packed forward through
+        torch.compile (see runner.py; the first steps of each kind pay the compilation)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
         self.device = model.device
+        self.tp = _tensor_parallel_group(model)  # None on one device
+        if compile and self.tp is not None:
+            raise ValueError("compile=True compiles the step of one device; it is not supported under tensor "
+                             "parallelism")
         cuda = self.device.type == "cuda"
         self.block_size = _positive_int("block_size", block_size)
         self.max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
@@ -79,28 +113,47 @@ class Engine:
         if num_blocks is None:
             num_blocks = default_num_blocks(model, block_size, max_num_seqs)
         self.num_blocks = _positive_int("num_blocks", num_blocks)
+        if self.tp is not None:  # the same schedule on every rank needs the same settings
+            self.tp.check_same("the engine's settings", dict(
+                block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+                device_type=self.device.type, dtype=str(model.dtype), tokenizer=type(tokenizer).__name__))
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size, self.max_num_seqs, cuda_graphs, compile=compile)
+        self.runner = ModelRunner(model, num_blocks, block_size, self.max_num_seqs, cuda_graphs and self.tp is None,
+                                  compile=compile)
+        if cuda and cuda_graphs and self.tp is not None:
+            self.runner.graph_error = GRAPHS_OFF_UNDER_TP
         self.generator = torch.Generator(device=self.device)  # unseeded requests share it
-        self.generator.seed()
+        if self.tp is None:
+            self.generator.seed()
+        else:  # every rank draws the same noise for them
+            self.tp.shared_seed(self.generator)
         self.requests: dict[str, Request] = {}
         self._next_id = 0
         self._counters = dict(steps=0, computed_tokens=0, generated_tokens=0, finished_requests=0)
 
     @classmethod
-    def from_pretrained(cls, path_or_name=None, device=None, dtype=None, **options) -> "Engine":
+    def from_pretrained(cls, path_or_name=None, device=None, dtype=None, tp: int = 1, **options) -> "Engine":
         """An HF GPT-2 dir or hub name (None: the bundled default model) with its tokenizer, on device
-        (None: CUDA when there is one, else the CPU) in dtype (None: fp32 on CPU, bf16 on CUDA)."""
-        from fastgpt import GPT, Tokenizer, default_model_dir
+        (None: CUDA when there is one, else the CPU) in dtype (None: fp32 on CPU, bf16 on CUDA).
+
+        tp > 1: the model sharded by heads over the tp processes of a torchrun launch (every rank calls
+        this alike; on CUDA each takes the GPU of its LOCAL_RANK). The process group is joined here unless
+        it exists; ``fastgpt.parallel.destroy_process_group()`` leaves it."""
+        from fastgpt import GPT, Tokenizer, default_model_dir, parallel
         from fastgpt.load import resolve_model_dir
 
         model_dir = default_model_dir() if path_or_name is None else resolve_model_dir(path_or_name)
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
             raise FileNotFoundError(f"{model_dir}: no config.json (not a GPT-2 checkpoint dir)")
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = GPT.from_pretrained(model_dir, device=device, dtype=dtype)
+        if _positive_int("tp", tp) > 1:
+            _, device = parallel.launch_tensor_parallel(tp, device)
+            model = parallel.load_tensor_parallel(model_dir, device=device, dtype=dtype)
+        else:
+            if device is None:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            model = GPT.from_pretrained(model_dir, device=device, dtype=dtype)
         return cls(model, Tokenizer.from_pretrained(model_dir), **options)
 
     # ------------------------------------------------------------------------------------- requests
@@ -343,4 +396,5 @@ class Engine:
             "waiting": len(s.waiting),
             **self._counters,
             "cuda_graphs": None if self.runner.graphs is None else self.runner.graphs.sizes,
+            "tensor_parallel": 1 if self.tp is None else self.tp.size,
         }

@@ -1,8 +1,9 @@
 """The model stage of a step: the paged KV cache, and one scheduled batch through the model.
 
 The cache is, per layer, k and v pages of shape (num_blocks, block_size, H, D) (FlashAttention's paged
-layout), allocated once in the model's dtype and zero-filled: attention masks the slots it must not
-see, and zeros there stay finite. Each attention layer gets its pair as ``kv_pages``.
+layout; H the heads this process holds, its share under tensor parallelism), allocated once in the model's
+dtype and zero-filled: attention masks the slots it must not see, and zeros there stay finite. Each
+attention layer gets its pair as ``kv_pages``.
 
 A batch becomes flat tensors, with no padding: the token ids and positions of every scheduled token
 (decode rows first), the cache slot of each, each row's block table and cache length after the step,
@@ -21,9 +22,16 @@ from fastgpt.engine.cuda_graphs import DecodeGraphs
 from fastgpt.engine.scheduler import ScheduledBatch
 
 
-def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
-    """KV-cache bytes of one block: k and v, every layer."""
-    return 2 * config.n_layer * block_size * config.n_embd * torch.empty((), dtype=dtype).element_size()
+def local_heads(model) -> int:
+    """The attention heads this process holds: all of them, or its share under tensor parallelism."""
+    return model.transformer.h[0].attn.n_head
+
+
+def bytes_per_block(model, block_size: int) -> int:
+    """KV-cache bytes of one block in this process: k and v of its heads, every layer."""
+    cfg = model.config
+    return (2 * cfg.n_layer * block_size * local_heads(model) * cfg.head_dim
+            * torch.empty((), dtype=model.dtype).element_size())
 
 
 class ModelRunner:
@@ -37,8 +45,7 @@ class ModelRunner:
         self.forward = (torch.compile(model.forward_packed, dynamic=True, fullgraph=True) if compile
                         else model.forward_packed)
         self.model, self.block_size, self.device = model, block_size, model.device
-        heads = model.transformer.h[0].attn.n_head  # its own heads (a tensor-parallel shard holds fewer)
-        shape = (cfg.n_layer, num_blocks, block_size, heads, cfg.head_dim)
+        shape = (cfg.n_layer, num_blocks, block_size, local_heads(model), cfg.head_dim)
         self.k_pages = torch.zeros(shape, dtype=model.dtype, device=self.device)
         self.v_pages = torch.zeros(shape, dtype=model.dtype, device=self.device)
         for i, block in enumerate(model.transformer.h):

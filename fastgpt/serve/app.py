@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -56,21 +57,23 @@ class ServeConfig:
 class ServeState:
     """Everything the routes share: the engine loop, the metrics, the config, and whether we are draining."""
 
-    def __init__(self, engine, config: ServeConfig):
+    def __init__(self, engine, config: ServeConfig, lockstep=None):
         if engine.tokenizer is None:
             raise ValueError("the server needs an engine with a tokenizer")
         self.engine, self.config = engine, config
         self.tokenizer = engine.tokenizer
         self.metrics = Metrics(lambda: self.loop.stats, lambda: self.loop.in_flight)
-        self.loop = EngineLoop(engine, config.max_queue, on_abort=lambda r: self.metrics.aborts.labels(r).inc())
+        self.loop = EngineLoop(engine, config.max_queue, on_abort=lambda r: self.metrics.aborts.labels(r).inc(),
+                               lockstep=lockstep)
         self.token_strings = TokenStrings(self.tokenizer, engine.config.vocab_size)
         self.draining = False
         self.started = int(time.time())
 
 
-def build_app(engine, config: ServeConfig):
-    """(the ASGI app to serve, its ServeState): the FastAPI app inside the status counter and the gate."""
-    state = ServeState(engine, config)
+def build_app(engine, config: ServeConfig, lockstep=None):
+    """(the ASGI app to serve, its ServeState): the FastAPI app inside the status counter and the gate.
+    lockstep: rank 0's fastgpt.parallel.Lockstep when the engine is tensor-parallel (engine_loop.py)."""
+    state = ServeState(engine, config, lockstep)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -132,8 +135,9 @@ def build_app(engine, config: ServeConfig):
         params = [inputs.sampling_params(body, len(p.ids), engine, body.max_tokens, body.logprobs) for p in prompts]
         if body.echo and body.logprobs is not None:
             for p in prompts:
+                # a module function and its arguments, not a lambda: under TP it travels to every rank
                 p.logprobs, p.top_logprobs = await state.loop.call(
-                    lambda e, ids=p.ids: inputs.prompt_logprobs(e, ids, body.logprobs))
+                    functools.partial(inputs.prompt_logprobs, ids=p.ids, k=body.logprobs))
         shape = Shape(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model, chat=False,
                       include_usage=body.include_usage)
         gen = Generation(state, shape, prompts, params, echo=body.echo, logprobs=body.logprobs, arrival=arrival)

@@ -2,9 +2,15 @@
 
     fastgpt serve                                   # the bundled model on http://127.0.0.1:8000
     fastgpt serve --model gpt2 --device cuda --api-key $KEY --chat-template chat.jinja
+    torchrun --nproc-per-node 2 -m fastgpt serve --tp 2 --model gpt2 --device cuda
 
 The socket is bound first (a taken port is an error before the model loads), then the engine is built,
 warmed up with one tiny request, and served until SIGTERM / Ctrl-C (see server.py).
+
+With --tp N, under torchrun, every rank loads its shard and builds the same engine; rank 0 binds the
+socket and serves HTTP, the others run the engine in lockstep with it (serve/engine_loop.py) and leave
+when it stops. They ignore SIGINT / SIGTERM (torchrun passes both to every rank): rank 0 drains its
+requests, which needs them, then tells them to go.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 
 from fastgpt.cli import _fail, positive_int, resolve_device
 
@@ -52,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch's CPU threads (default on CPU: torch's count minus one, so the HTTP side keeps a "
                         "core: an engine thread that shares every core with the event loop stalls at each "
                         "parallel region)")
+    p.add_argument("--tp", type=positive_int, default=1,
+                   help="tensor-parallel size: shard the model by heads across this many processes, started with "
+                        "torchrun --nproc-per-node N (rank 0 serves HTTP)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
 
@@ -67,16 +77,28 @@ def run(args) -> int:
     if args.grace_period < 0:
         raise ValueError(f"--grace-period must be >= 0, got {args.grace_period}")
 
+    from fastgpt import parallel
     from fastgpt.serve.server import bind, serve
 
-    sock = bind(args.host, args.port)
+    world = parallel.World.from_env()
+    tensor_parallel = args.tp > 1 or world.size > 1
+    if tensor_parallel:
+        world, _ = parallel.launch_tensor_parallel(args.tp, args.device)
+    sock = None
+
+    def bind_socket():
+        nonlocal sock
+        sock = bind(args.host, args.port)
+
     try:
+        parallel.on_main(world, bind_socket)  # a taken port is the same one-line error on every rank
         import torch
 
         from fastgpt import Engine, SamplingParams, default_model_dir
         from fastgpt.load import resolve_model_dir
         from fastgpt.serve.app import ServeConfig, build_app
         from fastgpt.serve.chat import load_chat_template
+        from fastgpt.serve.engine_loop import follow
 
         device = resolve_device(args.device)
         if args.threads is not None:
@@ -85,19 +107,41 @@ def run(args) -> int:
             torch.set_num_threads(max(1, torch.get_num_threads() - 1))
         model_dir = default_model_dir() if args.model is None else resolve_model_dir(args.model)
         template = load_chat_template(model_dir, args.chat_template)
-        engine = Engine.from_pretrained(model_dir, device=device, dtype=args.dtype,
-                                        max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks,
+        engine = Engine.from_pretrained(model_dir, device=args.device if tensor_parallel else device,
+                                        dtype=args.dtype, tp=args.tp, max_num_seqs=args.max_num_seqs,
+                                        num_blocks=args.num_blocks,
                                         max_num_batched_tokens=args.max_num_batched_tokens)
         engine.generate([[0, 0]], SamplingParams(max_tokens=2, temperature=0))  # first-call costs, paid now
-        names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
-        config = ServeConfig(served_model_names=names, api_key=api_key, max_body_bytes=args.max_body_bytes,
-                             max_queue=args.max_queue, chat_template=template)
-        app, state = build_app(engine, config)
-        log.info("model %s (%s, %s, %d blocks of %d tokens, %d torch threads), served as %s; chat template: %s; "
-                 "api key: %s", model_dir, engine.device, str(engine.model.dtype).replace("torch.", ""),
-                 engine.num_blocks, engine.block_size, torch.get_num_threads(), ", ".join(names),
-                 template.origin if template else "none",
-                 "required" if api_key else "none")
-        return serve(app, state, sock, args.grace_period, args.log_level, args.access_log)
+        lockstep = parallel.Lockstep(world) if tensor_parallel else None
+        if not world.is_main:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+            log.info("rank %d: the engine follows rank 0", world.rank)
+            follow(engine, lockstep)
+            log.info("rank %d: rank 0 stopped serving; leaving", world.rank)
+            return 0
+        state = None
+        try:
+            names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
+            config = ServeConfig(served_model_names=names, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                                 max_queue=args.max_queue, chat_template=template)
+            app, state = build_app(engine, config, lockstep)
+            tp_note = f" x {world.size} ranks (tensor parallel)" if tensor_parallel else ""
+            log.info("model %s (%s%s, %s, %d blocks of %d tokens, %d torch threads), served as %s; "
+                     "chat template: %s; api key: %s", model_dir, engine.device, tp_note,
+                     str(engine.model.dtype).replace("torch.", ""), engine.num_blocks, engine.block_size,
+                     torch.get_num_threads(), ", ".join(names), template.origin if template else "none",
+                     "required" if api_key else "none")
+            return serve(app, state, sock, args.grace_period, args.log_level, args.access_log)
+        finally:
+            if state is not None:
+                state.loop.stop()
+            # the engine loop tells the other ranks when it ends; if it never ran (or the server never
+            # started), they hear it here
+            if lockstep is not None and (state is None or not state.loop.thread_alive):
+                lockstep.close()
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
+        if tensor_parallel:
+            parallel.destroy_process_group()

@@ -21,6 +21,15 @@ A request the engine refuses (ValueError from add_request) fails alone with a 40
 in add_request fails that request alone with a 500. An exception inside a step cannot be pinned on one
 request of the batch: every request then in the engine fails with a 500, and the loop goes on serving;
 so do they when a step schedules nothing at all (nothing runs that could free room for them).
+
+Under tensor parallelism (``fastgpt serve --tp N`` under torchrun) this loop runs on rank 0, and every
+other rank runs ``follow``. Before applying a batch of commands, rank 0 hands them to the others
+(``fastgpt.parallel.Lockstep``): the adds with their request ids, prompts and parameters, the aborts, the
+calls (picklable: a module function and its arguments). Each rank applies the same commands in the same
+order and steps when rank 0 does (whether it does follows from the commands), so the engines stay in
+lockstep, collectives included; what rank 0 does on a failure (abort every request) the others do too.
+While idle, rank 0 sends an empty batch every LOCKSTEP_IDLE_S, so a waiting rank never sits in one
+collective past its timeout; it sends None when it stops.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ from dataclasses import dataclass
 from fastgpt.serve.errors import APIError
 
 log = logging.getLogger("fastgpt.serve")
+
+LOCKSTEP_IDLE_S = 1.0
 
 
 @dataclass
@@ -69,8 +80,10 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, engine, max_queue: int, on_abort=None):
+    def __init__(self, engine, max_queue: int, on_abort=None, lockstep=None):
+        """lockstep: a fastgpt.parallel.Lockstep when the engine is tensor-parallel (this is rank 0)."""
         self.engine = engine
+        self._lockstep = lockstep
         self.capacity = engine.max_num_seqs + max_queue  # samples in flight, running or waiting
         self.in_flight = 0  # event-loop side only
         self.stats = engine.stats()  # the engine thread replaces it after every step (a dict swap: atomic)
@@ -92,7 +105,11 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.crashed is None
+        return self.thread_alive and self.crashed is None
+
+    @property
+    def thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def submit(self, prompt_ids: list[int], params, queue: asyncio.Queue, prefix: str = "req") -> RequestStream:
         """Queue one prompt, its outputs to go to queue; 503 when the samples in flight would pass capacity."""
@@ -136,14 +153,22 @@ class EngineLoop:
     # -------------------------------------------------------------------------------- engine side
     def _run(self) -> None:
         engine = self.engine
+        idle_wait = None if self._lockstep is None else LOCKSTEP_IDLE_S
+        if engine.device.type == "cuda":  # a thread starts on GPU 0: the engine's may be another
+            import torch
+
+            torch.cuda.set_device(engine.device)
         try:
             while True:
                 with self._wake:
                     while not self._inbox and not self._stopping and not engine.has_unfinished_requests():
-                        self._wake.wait()
+                        if not self._wake.wait(idle_wait):
+                            break  # idle under TP: the other ranks hear that nothing happened
                     if self._stopping:
                         break
                     commands, self._inbox = self._inbox, []
+                if self._lockstep is not None:
+                    self._lockstep.share([_portable(c) for c in commands])
                 for command in commands:
                     self._apply(command)
                 if engine.has_unfinished_requests():
@@ -158,6 +183,11 @@ class EngineLoop:
                 engine.abort_request(request_id)
             self._streams.clear()
             self.stats = engine.stats()
+            if self._lockstep is not None:
+                try:
+                    self._lockstep.close()
+                except Exception:  # a rank is gone already: nobody to tell
+                    log.exception("could not tell the other tensor-parallel ranks to stop")
 
     def _apply(self, command: tuple) -> None:
         kind = command[0]
@@ -224,6 +254,50 @@ class EngineLoop:
                 self._loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 pass
+
+
+def _portable(command: tuple) -> tuple:
+    """A command as the other ranks of a TP server get it: no stream, no future."""
+    kind = command[0]
+    if kind == "add":
+        _, stream, prompt_ids, params = command
+        return "add", stream.request_id, prompt_ids, params
+    if kind == "call":
+        return "call", command[1]
+    return command
+
+
+def follow(engine, lockstep) -> None:
+    """The engine loop of a rank other than 0 in a tensor-parallel server: rank 0's commands, applied in
+    its order, and a step whenever rank 0 steps, until rank 0 stops (or the group breaks: then it raises)."""
+    while True:
+        commands = lockstep.share()
+        if commands is None:
+            break
+        for kind, *args in commands:
+            try:
+                if kind == "add":
+                    engine.add_request(*args)
+                elif kind == "abort":
+                    engine.abort_request(*args)
+                elif kind == "call":
+                    args[0](engine)
+            except Exception:  # rank 0 met the same and answered its client; the engine did not change
+                pass
+        if not engine.has_unfinished_requests():
+            continue
+        steps = engine.stats()["steps"]
+        try:
+            engine.step()
+            progressed = engine.stats()["steps"] != steps
+        except Exception:
+            log.exception("engine step failed on this rank; failing its requests, as rank 0 does")
+            progressed = False
+        if not progressed:  # rank 0 fails every request it holds (EngineLoop._step)
+            for request_id in list(engine.requests):
+                engine.abort_request(request_id)
+    for request_id in list(engine.requests):
+        engine.abort_request(request_id)
 
 
 def _put_all(batch) -> None:
