@@ -358,7 +358,8 @@ def linear(x, weight, bias=None) -> torch.Tensor:
     operands may then differ in dtype, as for F.linear). There is no Triton kernel: on CUDA this is
     F.linear (cuBLAS; the fused epilogues that Triton earns its keep with are in gelu_mlp), on a CPU
     kernels.reference.linear, which splits a decode step's few-row product across the CPU threads.
-    Differentiable.
+    Differentiable. Under torch.compile it is F.linear on every device, the one op here with no operator in
+    kernels/library.py: there is no kernel to hide from Inductor, which lowers F.linear to its own GEMM.
     """
     _check_tensor("x", x)
     if x.dim() == 0:
@@ -373,7 +374,7 @@ def linear(x, weight, bias=None) -> torch.Tensor:
         _check_tensor("bias", bias, 1)
         _check_same("bias", bias, "x", x, dtype=same_dtype)
         _check_shape("bias", bias, (weight.shape[0],))
-    if x.is_cuda:
+    if x.is_cuda or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
     return reference.linear(x, weight, bias)
 

@@ -177,6 +177,22 @@ def test_opcheck(case, path, request):
 
 
 def test_every_public_op_has_an_operator():
+    # linear has no kernel of its own: compiled, it is F.linear (test below)
     for name in kernels.__all__:
-        if name not in ("reference", "reference_ops", "uses_triton"):
+        if name not in ("reference", "reference_ops", "uses_triton", "linear"):
             assert hasattr(torch.ops.fastgpt, name), name
+
+
+def test_linear_compiles_to_aten_linear():
+    """Compiled, kernels.linear is F.linear, one graph, equal to eager (a decode-sized product, whose
+    eager CPU path splits across threads) with the weight stored either way."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 1, 256, generator=g)
+    w = torch.randn(1024, 256, generator=g)
+    b = torch.randn(1024, generator=g)
+    for weight in (w, w.t().contiguous().t()):
+        torch._dynamo.reset()
+        explain = torch._dynamo.explain(kernels.linear)(x, weight, b)
+        assert explain.graph_break_count == 0 and explain.graph_count == 1
+        compiled = torch.compile(kernels.linear, fullgraph=True)(x, weight, b)
+        torch.testing.assert_close(compiled, kernels.linear(x, weight, b), rtol=1e-5, atol=1e-5)
