@@ -13,7 +13,9 @@ prefill (+ one sampling step); a call making n + 1 new tokens adds n decode step
     decode ms per step = (t(n + 1) - t(1)) / n.
 Greedy decoding, no EOS stop, random weights from a fixed seed (or --model's checkpoint); random prompts.
 transformers runs eager (its default attention and dynamic cache) and, on CUDA only, with its static cache
-and its automatic torch.compile of the decode step.
+and its automatic torch.compile of the decode step. fastgpt's own prefill forward and decode step are also
+timed under torch.compile(fullgraph=True) against eager (rows "compiled": every model on CUDA, the tiny
+one on a CPU outside --quick).
 
 On a CPU the suite adds the batch-1 decode comparison (rows of kind "cpu_decode"; ``--cpu-decode`` runs
 only it): gpt2-sized fp32 weights, a 16-token prompt, 32 greedy tokens; the same tokens out of both
@@ -75,9 +77,11 @@ class Plan:
     # each); empty off CUDA, where transformers does not auto-compile
     compile_pairs: set = field(default_factory=set)
     position_rep_ms: float = 100.0
+    # models whose own prefill and decode step are also timed under torch.compile (fastgpt's ops whole in
+    # the graph) against eager: every model on CUDA; on a CPU the tiny one (inductor compiles in seconds)
+    compiled_models: tuple = ()
     # the CPU batch-1 comparison (rows of kind "cpu_decode"); None skips it (CUDA)
     cpu_decode: CpuDecodePlan | None = None
-
 
 
 def make_plan(device, quick: bool, smoke: bool = False, model_path: str | None = None) -> Plan:
@@ -98,11 +102,13 @@ def make_plan(device, quick: bool, smoke: bool = False, model_path: str | None =
                     position_rep_ms=50.0)
     else:
         plan = Plan(models=["tiny", "gpt2"], batches=[1, 8], prompt_len=128, new_tokens=32, reps=3)
+    plan.compiled_models = tuple(plan.models) if cuda else ("tiny",) if not quick or smoke else ()
     if not cuda:
         plan.cpu_decode = (CpuDecodePlan(model="tiny", pairs=1, prompt_len=8, new_tokens=4, step_reps=3) if smoke
                            else CpuDecodePlan(pairs=3 if quick else 5))
     if model_path is not None:
         plan.models = [model_path]
+        plan.compiled_models = (model_path,) if cuda else ()
         plan.compile_pairs = {(model_path, b) for (_, b) in plan.compile_pairs}
         if plan.cpu_decode is not None:
             plan.cpu_decode.model = model_path
@@ -227,6 +233,29 @@ def decode_ms_at_context(model: GPT, batch: int, context: int, rep_ms: float) ->
     return bench_ms(lambda: decode_one_token(model, tokens, input_pos, seqlens), rep_ms=rep_ms)
 
 
+@torch.inference_mode()
+def compiled_rows(model: GPT, label: str, plan: Plan, dtype) -> list[dict]:
+    """The prefill forward and one decode step, each compiled (fullgraph) against eager: rows of kind
+    "compiled", at the plan's first batch. generate's own loop stays eager; these are its two calls."""
+    from benchmarks.common import compiled_row
+
+    batch, T = plan.batches[0], plan.prompt_len
+    device = model.device
+    g = torch.Generator(device="cpu").manual_seed(7)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, T), generator=g).to(device)
+    model.setup_caches(max_batch=batch, max_len=T + 1)
+    positions = torch.arange(T, device=device)
+    timing = dict(rep_ms=max(plan.position_rep_ms, 1.0), min_reps=3)
+    rows = [compiled_row(label, "prefill", f"B={batch} T={T}", dtype,
+                         lambda: model(prompt, input_pos=positions, last_only=True), timing, batch * T)]
+    tokens, input_pos = prompt[:, -1], torch.tensor([T], device=device)
+    seqlens = torch.full((batch,), T + 1, dtype=torch.int32, device=device)
+    rows.append(compiled_row(label, "decode step", f"B={batch} context={T + 1}", dtype,
+                             lambda: decode_one_token(model, tokens, input_pos, seqlens), timing, batch))
+    model.clear_caches()
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------- run
 def _log(msg: str) -> None:
     print(f"[bench generate] {msg}", file=sys.stderr, flush=True)
@@ -324,6 +353,8 @@ def _run_model(name, device, dtype, plan: Plan, ceilings: dict, notes: list[str]
                 # _compiled_call); a version that did not must not be labelled as compiled
                 peer = "transformers static cache (not compiled)"
             rows.append(_row(label, batch, plan, dtype, peer, ours, theirs, floor_ms))
+    if name in plan.compiled_models:
+        rows += compiled_rows(model, label, plan, dtype)
     contexts = [c for c in plan.contexts if c <= ctx]
     if len(contexts) < len(plan.contexts):
         notes.append(f"{label}: contexts above its length {ctx} skipped")

@@ -5,6 +5,9 @@ kernels), deep-copied; one copy patched. Both are timed the same way, in the sam
   * prefill: ``model(ids, logits_to_keep=1)`` with a fresh cache, what ``generate`` runs on the prompt;
   * decode:  ms per step of greedy ``generate`` = (t(n + 1 new tokens) - t(1)) / n, HF's DynamicCache;
   * train:   ``model(ids, labels=ids).loss.backward()`` + an AdamW step.
+  * compiled (on CUDA; on a CPU outside --quick/--smoke): both models under torch.compile(fullgraph=True),
+    prefill as above, and a training step whose loss is computed from the logits in the compiled function
+    (HF's labels= loss breaks the graph in transformers' own code).
 The peer is transformers' own attention (SDPA, its default). On CUDA the patched model runs the Triton
 kernels; on a CPU it runs kernels.reference (plain PyTorch), so CPU rows show what the patch costs or
 saves around the same PyTorch math, nothing about the kernels, and are labelled so.
@@ -43,16 +46,16 @@ def make_plan(device, quick: bool, smoke: bool = False) -> dict:
     (batch, length) for a training step."""
     cuda = torch.device(device).type == "cuda"
     if smoke:  # plumbing only: the numbers mean nothing
-        return dict(model="tiny", prefill=[(1, 16)], decode=[(1, 8, 4)], train=[(1, 16)],
+        return dict(model="tiny", prefill=[(1, 16)], decode=[(1, 8, 4)], train=[(1, 16)], compiled=[],
                     timing=dict(rep_ms=1.0, min_reps=1))
     if cuda:
         return dict(model="gpt2", prefill=[(1, 1024), (8, 1024)] if quick else [(1, 512), (1, 1024), (8, 1024),
                                                                                  (32, 1024)],
                     decode=[(1, 128, 32), (8, 128, 32)], train=[(8, 1024)] if quick else [(4, 1024), (8, 1024)],
-                    timing=dict(rep_ms=200.0 if quick else 500.0))
+                    compiled=[(8, 1024)], timing=dict(rep_ms=200.0 if quick else 500.0))
     return dict(model="gpt2", prefill=[(1, 128)] if quick else [(1, 128), (4, 256)],
                 decode=[(1, 16, 8)], train=[(1, 64)] if quick else [(1, 64), (2, 128)],
-                timing=dict(rep_ms=200.0 if quick else 1000.0, min_reps=3))
+                compiled=[] if quick else [(1, 64)], timing=dict(rep_ms=200.0 if quick else 1000.0, min_reps=3))
 
 
 def build_models(name: str, device, dtype):
@@ -117,6 +120,43 @@ def _train_fn(model, ids):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def _compiled_train_fn(model, ids):
+    """A training step whose forward and loss are one compiled graph (its backward compiled with it)."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def loss_of(ids):
+        logits = model(ids, use_cache=False).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    compiled = torch.compile(loss_of, fullgraph=True)
+
+    def step():
+        compiled(ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _compiled_rows(plan, patched, hf, dtype, backend) -> list[dict]:
+    """Both models compiled (fullgraph): prefill and a training step, patched against unpatched."""
+    rows, timing, vocab = [], plan["timing"], hf.config.vocab_size
+    for B, T in plan["compiled"]:
+        ids = _ids(vocab, B, T, patched.device)
+        torch._dynamo.reset()
+        _log(f"compiled prefill {plan['model']} B={B} T={T}")
+        fns = [torch.compile(_prefill_fn(m, ids), fullgraph=True) for m in (patched, hf)]
+        ms = [bench_ms(fn, **timing) for fn in fns]
+        rows.append(_row(plan["model"], "prefill", f"B={B} T={T}", dtype, backend + ", torch.compile", *ms, B * T))
+        _log(f"compiled train {plan['model']} B={B} T={T}")
+        ms = [bench_ms(_compiled_train_fn(m, ids), **timing) for m in (patched, hf)]
+        rows.append(_row(plan["model"], "train", f"B={B} T={T}", dtype, backend + ", torch.compile", *ms, B * T))
+        for m in (patched, hf):
+            m.eval()
+    torch._dynamo.reset()
+    return rows
 
 
 def _row(model_name, phase, shape, dtype, backend, patched_ms, hf_ms, tokens) -> dict:
@@ -189,6 +229,7 @@ def run(device, dtype, quick: bool = True, smoke: bool = False, notes: list[str]
             ids = _ids(vocab, B, T, device)
             ms = [bench_ms(_train_fn(m, ids), **timing) for m in (patched, hf)]
             rows.append(_row(plan["model"], "train", f"B={B} T={T}", dtype, backend, *ms, B * T))
+        rows += _compiled_rows(plan, patched, hf, dtype, backend)
     return rows
 
 

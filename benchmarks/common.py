@@ -55,6 +55,24 @@ def bench_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 
     return statistics.median(times)
 
 
+def compiled_row(model: str, phase: str, shape: str, dtype, eager, timing: dict, tokens: int) -> dict:
+    """torch.compile(fullgraph=True) of the no-argument callable `eager` against eager, same run: a row of
+    kind "compiled" (ms each, the speedup, the seconds the first compiled call took: compilation)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(eager, fullgraph=True)
+    t0 = time.perf_counter()
+    compiled()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    eager_ms, compiled_ms = bench_ms(eager, **timing), bench_ms(compiled, **timing)
+    torch._dynamo.reset()
+    return {"kind": "compiled", "model": model, "phase": phase, "shape": shape,
+            "dtype": str(dtype).replace("torch.", ""), "eager_ms": eager_ms, "compiled_ms": compiled_ms,
+            "speedup": eager_ms / compiled_ms if compiled_ms else None, "compile_s": compile_s,
+            "compiled_tok_s": tokens / (compiled_ms * 1e-3) if compiled_ms else None}
+
+
 def copy_bandwidth_gbs(device: str | torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device copy bandwidth in GB/s, counting bytes read + written (the roofline for memory-bound ops)."""
     device = torch.device(device)

@@ -136,6 +136,9 @@ PATCH_COLUMNS = [("model", "model", ""), ("phase", "phase", ""), ("shape", "shap
                  ("path", "backend", ""), ("patched ms", "patched_ms", ".3f"), ("HF ms", "hf_ms", ".3f"),
                  ("speedup", "speedup", "x"), ("goal", "goal", "x"), ("patched tok/s", "patched_tok_s", ".0f"),
                  ("HF tok/s", "hf_tok_s", ".0f")]
+COMPILED_COLUMNS = [("model", "model", ""), ("phase", "phase", ""), ("shape", "shape", ""), ("dtype", "dtype", ""),
+                    ("eager ms", "eager_ms", ".3f"), ("compiled ms", "compiled_ms", ".3f"), ("speedup", "speedup", "x"),
+                    ("compiled tok/s", "compiled_tok_s", ".0f"), ("compile s", "compile_s", ".1f")]
 TP_DECODE_COLUMNS = [("model", "model", ""), ("batch", "batch", "d"), ("context", "context", "d"),
                      ("dtype", "dtype", ""), ("TP", "tp", "d"), ("decode ms/step", "decode_ms", ".3f"),
                      ("tok/s", "tok_s", ".1f"), ("vs TP=1", "vs_one", "x"),
@@ -228,6 +231,10 @@ def render(doc: dict, markdown: bool = False) -> str:
     if patch:
         out.append(h("transformers GPT-2 patched by fastgpt vs unpatched (SDPA), same weights"))
         out.append(format_table(patch, PATCH_COLUMNS, markdown))
+    compiled = rows_of(rows, "compiled")
+    if compiled:
+        out.append(h("torch.compile(fullgraph=True) against eager, the same model and inputs"))
+        out.append(format_table(compiled, COMPILED_COLUMNS, markdown))
     pos = rows_of(rows, "decode_position")
     if pos:
         out.append(h("Decode cost per token by context length (should stay flat)"))

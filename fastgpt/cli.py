@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the engine's step (the packed forward of every batch: one graph, the "
+                        "fused ops as single operators in it); the first steps pay the compilation")
     p.add_argument("--tp", type=positive_int, default=1,
                    help="tensor-parallel size: shard the model by heads across this many processes, started "
                         "with torchrun --nproc-per-node N (rank 0 prints)")
@@ -169,6 +172,8 @@ def run(args) -> int:
     world = parallel.World.from_env()
     model_dir = _model_dir(args)
     tensor_parallel = args.tp > 1 or world.size > 1
+    if tensor_parallel and args.compile:
+        raise ValueError("--compile compiles the engine's step, which runs on one device: drop it with --tp")
     if tensor_parallel:  # one shard per process; every rank runs what follows alike, rank 0 prints
         world, device = parallel.launch_tensor_parallel(args.tp, args.device)
     else:
@@ -190,7 +195,7 @@ def run(args) -> int:
         needed = sum(-(-(len(ids) + p.max_tokens) // block_size) for ids, p in requests)
         max_seqs = min(len(requests), 256)
         engine = Engine(model, tokenizer, block_size=block_size, max_num_seqs=max_seqs,
-                        num_blocks=min(needed, default_num_blocks(model, block_size, max_seqs)))
+                        num_blocks=min(needed, default_num_blocks(model, block_size, max_seqs)), compile=args.compile)
         for i, (ids, params) in enumerate(requests):
             engine.add_request(str(i), ids, params)
 

@@ -88,10 +88,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, nh, T, hs) each
         if input_pos is None:  # whole sequence, no cache (training, scoring)
             o = kernels.flash_attention(q, k, v, causal=True)
-        elif T > 1 or cache_seqlens is None:  # prefill: attend within the new tokens and everything cached
-            k_all, v_all = self.kv_cache.update(input_pos, k, v)
-            end = int(input_pos[-1]) + 1
-            o = kernels.flash_attention(q, k_all[:, :, :end], v_all[:, :, :end], causal=True)
+        elif T > 1 or cache_seqlens is None:  # prefill from position 0: the new tokens are all there is
+            self.kv_cache.update(input_pos, k, v)
+            o = kernels.flash_attention(q, k, v, causal=True)
         else:  # decode: one query per row against the cache
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
             o = kernels.decode_attention(q, k_all, v_all, cache_seqlens)
@@ -241,7 +240,10 @@ class GPT(nn.Module):
 
         Without input_pos the whole sequence is processed from position 0 with no cache. With input_pos
         (T,) the tokens sit at those positions and their keys/values go into the caches set up by
-        ``setup_caches``; a single-token step (T == 1) also needs cache_seqlens, int32 (B,).
+        ``setup_caches``: without cache_seqlens it is the prefill of the prompts, input_pos = arange(T)
+        (checked eagerly; the prefill attends within its own tokens, so no step depends on a value read
+        back from the device and the call traces whole under torch.compile); a single-token decode step
+        (T == 1) after it gives cache_seqlens, int32 (B,). Prompts that continue a cache take the engine.
 
         With targets (B, T), int64 (-100 = no loss there), the cross-entropy of the tied head's logits
         against them instead, without materialising the logits: a 0-dim fp32 loss, the mean over the
@@ -257,6 +259,12 @@ class GPT(nn.Module):
         else:
             if self.transformer.h[0].attn.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call setup_caches(max_batch, max_len) first")
+            # a prefill must start at position 0 (see above); the check reads the device, which a traced
+            # call cannot do, so torch.compile leaves it to the eager calls
+            if cache_seqlens is None and not torch.compiler.is_compiling() and int(input_pos[0]) != 0:
+                raise ValueError(f"a prefill (input_pos without cache_seqlens) starts at position 0, got "
+                                 f"{int(input_pos[0])}; continue a cached prompt one token at a time or "
+                                 f"through the engine")
             pos = input_pos
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:

@@ -88,6 +88,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     dropout: float = 0.0  # resid_pdrop and embd_pdrop of the run (also over a checkpoint's own values)
     reference_ops: bool = False  # the plain PyTorch path (kernels.reference_ops) instead of the kernels
+    compile: bool = False  # torch.compile the model's forward + loss (the backward is compiled with it)
     # bookkeeping
     val_fraction: float = 0.05
     eval_interval: int = 100
@@ -520,6 +521,11 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
         torch.manual_seed(config.seed + 1_000_003 * world.rank)
     sharded = config.fsdp and world.size > 1  # the optimizer state lives in shards, saved by every rank
     train_model = parallel.wrap_for_training(model, world, device, fsdp=config.fsdp)  # DDP / FSDP2 / model
+    if config.compile:
+        # forward + fused loss in one graph, its backward compiled by AOTAutograd; the fastgpt ops are single
+        # operators in it (kernels/library.py). fullgraph only on one process: DDP's optimizer splits the
+        # graph at its buckets on purpose. Evaluation (no grad, eval mode) compiles its own graph.
+        train_model = torch.compile(train_model, fullgraph=world.size == 1)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
                                   betas=(config.beta1, config.beta2), eps=1e-8)
     sampler = torch.Generator().manual_seed(config.seed)  # the data position: which windows come next
@@ -545,20 +551,23 @@ def _train(config: TrainConfig, resume: bool, stream) -> TrainResult:
         f"width {model.config.n_embd}, context {model.config.n_positions}, vocab {model.config.vocab_size}"
         + (f", dropout {config.dropout:g}" if config.dropout else ""))
     ranks = f" x {world.size} ranks ({'FSDP2' if config.fsdp else 'DDP'})" if world.size > 1 else ""
-    log(f"training on {device}{ranks} in {precision} with {ops_path(device, config.reference_ops)}")
+    log(f"training on {device}{ranks} in {precision} with {ops_path(device, config.reference_ops)}"
+        + (", torch.compile'd (the first steps compile)" if config.compile else ""))
     ops = kernels.reference_ops if config.reference_ops else contextlib.nullcontext
     tokens_per_step = config.batch_size * config.grad_accum * world.size * block_size
     log(f"{config.max_steps} steps of {tokens_per_step:,} tokens (batch {config.batch_size} x accum "
         f"{config.grad_accum}{f' x {world.size} ranks' if world.size > 1 else ''} x block {block_size}), "
         f"lr {config.lr:g} -> {min_lr:g}, warm-up {config.warmup_steps}")
 
+    eval_model = model if not config.compile else torch.compile(model, fullgraph=True)
+
     def run_eval():
         kw = dict(batch_size=config.batch_size, block_size=block_size, iters=config.eval_iters,
                   seed=EVAL_SEED, device=device, amp_dtype=amp_dtype, world=world)
         with ops():
-            record = {"step": step, "train_loss": evaluate(model, data["train"], data["train_mask"], **kw)}
+            record = {"step": step, "train_loss": evaluate(eval_model, data["train"], data["train_mask"], **kw)}
             if data["val"] is not None:
-                record["val_loss"] = evaluate(model, data["val"], data["val_mask"], **kw)
+                record["val_loss"] = evaluate(eval_model, data["val"], data["val_mask"], **kw)
             record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
         evals.append(record)
         val = (f", val loss {record['val_loss']:.4f}, val ppl {record['val_ppl']:.2f}"
@@ -690,6 +699,9 @@ def add_arguments(p) -> None:
     o.add_argument("--dropout", type=float, default=d.dropout,
                    help="GPT-2's resid_pdrop and embd_pdrop for this run (default 0; attention dropout is not "
                         "supported)")
+    o.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the forward and the fused loss (and with them the backward); the fastgpt "
+                        "ops stay whole in the graph")
     o.add_argument("--reference-ops", action="store_true",
                    help="run the plain PyTorch ops (SDPA attention, materialised logits) instead of fastgpt's "
                         "kernels, for comparison")

@@ -30,8 +30,8 @@ The package needs only torch and triton, so it can be used on its own by people 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ from kernels import gelu_mlp as _gelu_mlp
 from kernels import layer_norm as _layer_norm
 from kernels import paged_attention as _paged_attention
 from kernels import reference
+from kernels import library as _library  # noqa: E402  (registers torch.ops.fastgpt.*)
 
 __all__ = ["flash_attention", "decode_attention", "paged_decode_attention", "paged_prefill_attention",
            "paged_kv_write", "layer_norm", "gelu_mlp", "linear", "linear_cross_entropy", "reference",
@@ -56,22 +57,29 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 
 
-_REFERENCE_ONLY = contextvars.ContextVar("kernels_reference_only", default=False)
+# Per thread, like torch.no_grad. A threading.local rather than a ContextVar: Dynamo reads (and guards
+# on) a thread-local's attribute, while ContextVar.get breaks the graph (torch 2.11 and 2.13 alike).
+_STATE = threading.local()
+
+
+def _reference_only() -> bool:
+    return getattr(_STATE, "reference_only", False)
 
 
 @contextlib.contextmanager
 def reference_ops():
     """Inside this block every op runs kernels.reference, on every device (scoped like torch.no_grad)."""
-    token = _REFERENCE_ONLY.set(True)
+    before = _reference_only()
+    _STATE.reference_only = True
     try:
         yield
     finally:
-        _REFERENCE_ONLY.reset(token)
+        _STATE.reference_only = before
 
 
 def uses_triton(t: torch.Tensor) -> bool:
     """True when an op given this tensor runs a Triton kernel (GPU, or CPU under the interpreter)."""
-    if _REFERENCE_ONLY.get():
+    if _reference_only():
         return False
     if t.is_cuda:
         return True
@@ -89,9 +97,13 @@ def _dispatch_to_triton(*tensors, trainable: bool = False) -> bool:
         return False
     if trainable:
         return True
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if _records_autograd(*tensors):
         return False
     return not torch.is_autocast_enabled(tensors[0].device.type)
+
+
+def _records_autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
@@ -161,12 +173,17 @@ def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = 
     if Tq > Tk:
         raise ValueError(f"q has more positions (Tq={Tq}) than k/v (Tk={Tk}); Tq <= Tk is required")
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
-    # Unlike _dispatch_to_triton, neither autograd nor autocast sends this op to the reference: the
-    # kernel has a backward, and under autocast q, k, v are cast as autocast casts a matmul's inputs
-    # (softmax statistics and accumulation stay fp32 inside the kernels).
-    if uses_triton(q):
-        if torch.is_autocast_enabled(q.device.type):
-            dtype = torch.get_autocast_dtype(q.device.type)
+    if torch.compiler.is_compiling():
+        dtype = _autocast_dtype(q)  # cast as autocast casts a matmul's inputs, on every backend
+        if dtype is not None:
+            q, k, v = (t.to(dtype) for t in (q, k, v))
+        return _library.flash_attention(q, k, v, bool(causal), scale, _reference_only())
+    # Neither autograd nor autocast sends this op to the reference (trainable: it has a backward), and
+    # under autocast q, k, v are cast as autocast casts a matmul's inputs (softmax statistics and
+    # accumulation stay fp32 inside the kernels).
+    if _dispatch_to_triton(q, k, v, trainable=True):
+        dtype = _autocast_dtype(q)
+        if dtype is not None:
             q, k, v = (t.to(dtype) for t in (q, k, v))  # no copy when already that dtype
         with _launch_device(q):
             return _attention.flash_attention(q, k, v, causal=bool(causal), softmax_scale=scale)
@@ -196,6 +213,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | 
     _check_same("cache_seqlens", cache_seqlens, "q", q, dtype=False)
     _check_shape("cache_seqlens", cache_seqlens, (B,))
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    if torch.compiler.is_compiling() and not _records_autograd(q, k_cache, v_cache):
+        return torch.ops.fastgpt.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, _reference_only())
     if _dispatch_to_triton(q, k_cache, v_cache):
         with _launch_device(q):
             return _decode_attention.decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, softmax_scale=scale)
@@ -225,6 +244,8 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     out_dtype = _autocast_dtype(x)
+    if torch.compiler.is_compiling():
+        return _library.layer_norm(x, weight, bias, float(eps), residual, out_dtype, _reference_only())
     if _dispatch_to_triton(x, weight, bias, residual, trainable=True):
         with _launch_device(x):
             return _layer_norm.fused_layer_norm(x, weight, bias, eps=float(eps), residual=residual,
@@ -271,6 +292,9 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=None, dropo
         _check_shape("residual", residual, tuple(x.shape[:-1]) + (C_out,))
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if torch.compiler.is_compiling():
+        return _library.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, dropout_p,
+                                 autocast_dtype or x.dtype, _reference_only())
     if _dispatch_to_triton(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, trainable=True):
         with _launch_device(x):
             return _gelu_mlp.fused_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, residual=residual,
@@ -308,7 +332,11 @@ def linear_cross_entropy(x, weight, targets, ignore_index: int = -100, reduction
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if _REFERENCE_ONLY.get():
+    if torch.compiler.is_compiling():
+        return _library.linear_cross_entropy(x.reshape(-1, C), weight, targets.reshape(-1), int(ignore_index),
+                                             reduction, autocast_dtype or x.dtype,
+                                             None if chunk_size is None else int(chunk_size), _reference_only())
+    if _reference_only():
         return reference.linear_cross_entropy(x, weight, targets, ignore_index=ignore_index, reduction=reduction)
     x2, t2 = x.reshape(-1, C), targets.reshape(-1)
     kw = dict(ignore_index=int(ignore_index), reduction=reduction, compute_dtype=autocast_dtype or x.dtype,
@@ -330,7 +358,8 @@ def linear(x, weight, bias=None) -> torch.Tensor:
     operands may then differ in dtype, as for F.linear). There is no Triton kernel: on CUDA this is
     F.linear (cuBLAS; the fused epilogues that Triton earns its keep with are in gelu_mlp), on a CPU
     kernels.reference.linear, which splits a decode step's few-row product across the CPU threads.
-    Differentiable.
+    Differentiable. Under torch.compile it is F.linear on every device, the one op here with no operator in
+    kernels/library.py: there is no kernel to hide from Inductor, which lowers F.linear to its own GEMM.
     """
     _check_tensor("x", x)
     if x.dim() == 0:
@@ -345,7 +374,7 @@ def linear(x, weight, bias=None) -> torch.Tensor:
         _check_tensor("bias", bias, 1)
         _check_same("bias", bias, "x", x, dtype=same_dtype)
         _check_shape("bias", bias, (weight.shape[0],))
-    if x.is_cuda:
+    if x.is_cuda or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
     return reference.linear(x, weight, bias)
 
@@ -386,6 +415,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_table, cache_seqlens, soft
     _check_same("cache_seqlens", cache_seqlens, "q", q, dtype=False)
     _check_shape("cache_seqlens", cache_seqlens, (B,))
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    if torch.compiler.is_compiling() and not _records_autograd(q, k_pages, v_pages):
+        return torch.ops.fastgpt.paged_decode_attention(q, k_pages, v_pages, block_table, cache_seqlens, scale,
+                                                        _reference_only())
     if _dispatch_to_triton(q, k_pages, v_pages):
         with _launch_device(q):
             return _paged_attention.paged_decode_attention_fwd(q, k_pages, v_pages, block_table, cache_seqlens,
@@ -416,6 +448,9 @@ def paged_prefill_attention(q, k_pages, v_pages, block_table, cu_seqlens_q, cach
     if q.shape[0] == 0:
         raise ValueError("q holds no queries (total_q = 0)")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if torch.compiler.is_compiling() and not _records_autograd(q, k_pages, v_pages):
+        return torch.ops.fastgpt.paged_prefill_attention(q, k_pages, v_pages, block_table, cu_seqlens_q,
+                                                         cache_seqlens, scale, _reference_only())
     if _dispatch_to_triton(q, k_pages, v_pages):
         with _launch_device(q):
             return _paged_attention.paged_prefill_attention_fwd(q, k_pages, v_pages, block_table, cu_seqlens_q,
@@ -445,6 +480,9 @@ def paged_kv_write(k, v, k_pages, v_pages, slot_mapping) -> None:
     _check_tensor("slot_mapping", slot_mapping, 1, dtypes=(torch.int32, torch.int64))
     _check_same("slot_mapping", slot_mapping, "k", k, dtype=False)
     _check_shape("slot_mapping", slot_mapping, (N,))
+    if torch.compiler.is_compiling() and not _records_autograd(k, v, k_pages, v_pages):
+        torch.ops.fastgpt.paged_kv_write(k, v, k_pages, v_pages, slot_mapping, _reference_only())
+        return None
     if _dispatch_to_triton(k, v, k_pages, v_pages):
         with _launch_device(k):
             return _paged_attention.paged_kv_write_fwd(k, v, k_pages, v_pages, slot_mapping)

@@ -32,7 +32,9 @@ def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | None = None) -> torch.Tensor:
     """q (B,H,1,D) against the first cache_seqlens[b] positions of k/v_cache (B,H,Tmax,D) -> (B,H,1,D)."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    if not q.is_cuda:  # read only the filled part of the cache (a free host read on CPU; a sync on a GPU)
+    # read only the filled part of the cache (a free host read on CPU; a sync on a GPU; under torch.compile
+    # a data-dependent shape, so the whole cache, masked)
+    if not q.is_cuda and not torch.compiler.is_compiling():
         lens = cache_seqlens.tolist()
         filled = max(max(lens), 1)
         k_cache, v_cache = k_cache[:, :, :filled], v_cache[:, :, :filled]
@@ -232,3 +234,104 @@ def paged_kv_write(k, v, k_pages, v_pages, slot_mapping) -> None:
     H, D = k_pages.shape[2], k_pages.shape[3]
     k_pages.view(-1, H, D).index_copy_(0, slots, k.to(k_pages.dtype))
     v_pages.view(-1, H, D).index_copy_(0, slots, v.to(v_pages.dtype))
+
+
+# ------------------------------------------------------------------- what a backward starts from (library)
+# The torch.library ops (kernels/library.py) save the same residuals on every backend, so their fake
+# implementations, and whichever backend runs the backward, agree: attention's log-sum-exp, LayerNorm's
+# mean and rstd, the MLP's pre-activation and dropout seed. These functions are that contract in plain
+# PyTorch: a forward that also returns the residuals, and the gradients computed from them (fp32 math,
+# float64 kept for the truth). Eager autograd on the reference path never needs them: PyTorch's own
+# autograd records the ops above.
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _scores(q, k, causal: bool, scale: float) -> torch.Tensor:
+    """(B, H, Tq, Tk) scaled scores in fp32 (or float64), -inf where the bottom-right causal mask hides."""
+    acc = _acc(q.dtype)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    if causal:
+        Tq, Tk = q.shape[-2], k.shape[-2]
+        i = torch.arange(Tq, device=q.device)[:, None]
+        j = torch.arange(Tk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (Tk - Tq), float("-inf"))
+    return s
+
+
+def flash_attention_lse(q, k, v, causal: bool, softmax_scale: float):
+    """(o, lse): o as flash_attention (B, H, Tq, D) in q's dtype, and lse (B, H, Tq), the natural log-sum-exp
+    of each row's scaled scores, fp32 (float64 for float64): what the Triton forward stores for its backward."""
+    s = _scores(q, k, causal, softmax_scale)
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.matmul(torch.exp(s - lse[..., None]), v.to(s.dtype))
+    return o.to(q.dtype), lse
+
+
+def flash_attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float):
+    """(dq, dk, dv) in q's dtype, from P = exp(S - lse): dV = P^T dO, dS = P (dO V^T - rowsum(dO o)),
+    dQ = dS K scale, dK = dS^T Q scale."""
+    s = _scores(q, k, causal, softmax_scale)
+    acc = s.dtype
+    p = torch.exp(s - lse.to(acc)[..., None])  # (B, H, Tq, Tk)
+    do_, v_ = do.to(acc), v.to(acc)
+    dv = torch.matmul(p.transpose(-1, -2), do_)
+    delta = (do_ * o.to(acc)).sum(-1, keepdim=True)
+    ds = p * (torch.matmul(do_, v_.transpose(-1, -2)) - delta)
+    dq = torch.matmul(ds, k.to(acc)) * softmax_scale
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(acc)) * softmax_scale
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+
+def layer_norm_stats(h: torch.Tensor, eps: float):
+    """mean, rstd (M,) of the rows of h (..., N): fp32 (float64 for float64), as the Triton forward stores."""
+    h2 = h.reshape(-1, h.shape[-1]).to(_acc(h.dtype))
+    return h2.mean(-1), torch.rsqrt(h2.var(-1, unbiased=False) + eps)
+
+
+def layer_norm_backward(dy, h, weight, mean, rstd):
+    """(dx, dweight, dbias) of y = LayerNorm(h) given dy, in fp32 (float64): dx (..., N), the others (N,).
+    xhat = (h - mean) rstd; dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy * weight."""
+    N = h.shape[-1]
+    acc = mean.dtype
+    xhat = (h.reshape(-1, N).to(acc) - mean[:, None]) * rstd[:, None]
+    dy2 = dy.reshape(-1, N).to(acc)
+    g = dy2 * weight.to(acc)
+    dx = rstd[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dx.view(h.shape), (dy2 * xhat).sum(0), dy2.sum(0)
+
+
+def dropout_keep(shape, seed: int, p: float, device) -> torch.Tensor:
+    """The boolean keep-mask a seed stands for on the reference path (its own generator: no global RNG)."""
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.rand(shape, generator=generator, device=device) >= p
+
+
+def gelu_tanh_grad(z: torch.Tensor) -> torch.Tensor:
+    """d gelu_tanh / dz = 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 a z^2), t = tanh(c (z + a z^3))."""
+    c, a = math.sqrt(2.0 / math.pi), 0.044715
+    t = torch.tanh(c * (z + a * z * z * z))
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * a * z * z)
+
+
+def gelu_mlp_preact(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, dropout_p: float, seed: int):
+    """(out, z): gelu_mlp with the pre-activation z = x @ fc_weight.T + fc_bias (..., F) kept, and its
+    dropout drawn from seed (dropout_keep) so that the backward can draw it again. All in x's dtype."""
+    z = F.linear(x, fc_weight, fc_bias)
+    y = F.linear(gelu_tanh(z), proj_weight, proj_bias)
+    if dropout_p > 0:
+        y = y * dropout_keep(y.shape, seed, dropout_p, y.device) / (1.0 - dropout_p)
+    return (y if residual is None else y + residual), z
+
+
+def gelu_mlp_backward(dy, x, z, fc_weight, proj_weight, dropout_p: float, seed: int):
+    """(dx, d fc_weight, d fc_bias, d proj_weight, d proj_bias) of gelu_mlp_preact's branch, fp32 (float64):
+    x (M, C), z (M, F), dy (M, C_out)."""
+    acc = _acc(x.dtype)
+    dy = dy.to(acc)
+    if dropout_p > 0:
+        dy = dy * dropout_keep(dy.shape, seed, dropout_p, dy.device) / (1.0 - dropout_p)
+    z = z.to(acc)
+    x, w1, w2 = x.to(acc), fc_weight.to(acc), proj_weight.to(acc)
+    dz = (dy @ w2) * gelu_tanh_grad(z)  # (M, F)
+    return dz @ w1, dz.t() @ x, dz.sum(0), dy.t() @ gelu_tanh(z), dy.sum(0)

@@ -160,6 +160,24 @@ def test_several_prompts_run_together_and_print_in_order(reference_path, capsys,
     assert len(lines) == 1 and "3 prompts" in lines[0] and "tokens/s" in lines[0]
 
 
+def test_compile_gives_the_same_text(reference_path, capsys, model_dir):
+    """--compile runs the engine's step through torch.compile: the same greedy text for several prompts
+    (a prefill step and decode steps, each graph compiled once)."""
+    torch._dynamo.reset()
+    prompts = ["The quick fox", "def forward(self"]
+    args = ["--model", str(model_dir), "--device", "cpu", "--max-new-tokens", "12", "--temperature", "0"]
+    for p in prompts:
+        args += ["--prompt", p]
+    code, eager, err = run_cli(capsys, *args)
+    assert code == 0, err
+    code, compiled, err = run_cli(capsys, *args, "--compile")
+    torch._dynamo.reset()
+    assert code == 0, err
+    assert compiled == eager
+    code, _, err = run_cli(capsys, *args, "--compile", "--tp", "2")
+    assert code == 2 and "--compile" in err
+
+
 def test_prompt_is_shown_distinctly_on_a_terminal(reference_path, capsys, model_dir, monkeypatch):
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)

@@ -408,3 +408,53 @@ def test_class_level_patch_applies_to_models_built_later(reference_path, tmp_pat
     assert not integration.is_patched(refused)
     fastgpt.unpatch_transformers(loaded)
     assert torch.equal(_logits(loaded, ids), _logits(unpatched, ids))
+
+
+# ---------------------------------------------------------------------------------------- torch.compile
+def test_the_triton_gemms_read_the_conv1d_weights_in_place(interpreter_path, monkeypatch):
+    """The kernels' GEMM takes each transposed Conv1D view as it is (its W_T layout): no copy of a weight."""
+    patched, _ = _pair()
+    operands = []
+    real = kernels._gelu_mlp._operand
+
+    def spy(t):
+        out = real(t)
+        operands.append((out[0].data_ptr(), out[1]))
+        return out
+
+    monkeypatch.setattr(kernels._gelu_mlp, "_operand", spy)
+    _logits(patched, random_ids(1, 5, ODD["vocab_size"]))
+    for block in patched.transformer.h:
+        for conv in (block.mlp.c_fc, block.mlp.c_proj):
+            assert (conv.weight.data_ptr(), True) in operands  # read in place, transposed
+
+
+def test_a_patched_model_compiles_whole_and_matches(reference_path):
+    """fullgraph=True (a break raises): Inductor's logits equal HF's own; a prefill with HF's DynamicCache
+    and a decode step over it trace as one graph each; a training step (loss from the logits: HF's
+    labels= loss breaks the graph in transformers' own code) gives HF's loss and gradients."""
+    torch._dynamo.reset()
+    patched, hf = _pair(**SIZES["tiny"])
+    ids = random_ids(2, 9, SIZES["tiny"]["vocab_size"])
+    with torch.no_grad():
+        compiled = torch.compile(lambda ids: patched(ids).logits, fullgraph=True)
+        assert max_rel_err(compiled(ids), _logits(hf, ids)) < FP32_REL_TOL
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(lambda ids: patched(ids, use_cache=True))(ids).graph_break_count == 0
+        cache = patched(ids, use_cache=True).past_key_values
+        step = torch._dynamo.explain(lambda t: patched(t, past_key_values=cache, use_cache=True).logits)
+        assert step(ids[:, -1:]).graph_break_count == 0
+    torch._dynamo.reset()
+
+    def loss_of(model):
+        logits = model(ids).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+
+    patched.train(), hf.train()
+    loss = torch.compile(loss_of, backend="aot_eager", fullgraph=True)(patched)
+    expected = loss_of(hf)
+    torch.testing.assert_close(loss, expected, rtol=FP32_REL_TOL, atol=0)
+    loss.backward(), expected.backward()
+    for (name, p), q in zip(patched.named_parameters(), hf.parameters()):
+        assert max_rel_err(p.grad, q.grad) < FP32_REL_TOL, name
+    torch._dynamo.reset()

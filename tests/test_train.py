@@ -324,6 +324,22 @@ def test_ops_path_and_dropout_are_logged(tmp_path, reference_path):
     assert saved["resid_pdrop"] == saved["embd_pdrop"] == 0.2 and saved["attn_pdrop"] == 0.0
 
 
+def test_compile_trains_as_eager(tmp_path, reference_path):
+    """--compile: the compiled forward + fused loss (and its compiled backward) take the steps eager takes."""
+    torch._dynamo.reset()
+    corpus = write_corpus(tmp_path / "corpus", n_docs=6, seed=4)
+    runs = {}
+    for compiled in (False, True):
+        log = io.StringIO()
+        runs[compiled] = train(tiny_config(tmp_path / f"run{compiled}", corpus, max_steps=3, eval_interval=0,
+                                           eval_iters=1, compile=compiled), stream=log)
+    torch._dynamo.reset()
+    assert "torch.compile'd" in log.getvalue()
+    for a, b in zip(runs[True].losses, runs[False].losses):
+        assert abs(a - b) <= 1e-5 * abs(b), (runs[True].losses, runs[False].losses)
+    assert runs[True].evals[-1]["val_loss"] == pytest.approx(runs[False].evals[-1]["val_loss"], rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- data
 def test_token_file_is_a_memmap_of_the_smallest_dtype(tiny_run):
     _, result = tiny_run

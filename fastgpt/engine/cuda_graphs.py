@@ -30,7 +30,8 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     @torch.inference_mode()
-    def __init__(self, model, max_num_seqs: int, max_blocks_per_seq: int):
+    def __init__(self, model, max_num_seqs: int, max_blocks_per_seq: int, forward=None):
+        forward = forward or model.forward_packed  # the runner's: torch.compile'd under Engine(compile=True)
         device = model.device
         self.sizes = graph_batch_sizes(max_num_seqs)
         B = self.sizes[-1]
@@ -46,7 +47,7 @@ class DecodeGraphs:
             paged = PagedBatch(self.slot_mapping[:b], self.block_table[:b], self.cache_seqlens[:b], num_decodes=b)
 
             def step():
-                return model.forward_packed(self.input_ids[:b], self.positions[:b], paged)
+                return forward(self.input_ids[:b], self.positions[:b], paged)
 
             step()  # compile and autotune outside the capture (all slots -1: nothing is written)
             torch.cuda.synchronize(device)

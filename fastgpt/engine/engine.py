@@ -91,15 +91,19 @@ def _positive_int(name: str, value) -> int:
 class Engine:
     def __init__(self, model, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 enable_prefix_caching: bool = True, cuda_graphs: bool = True):
+                 enable_prefix_caching: bool = True, cuda_graphs: bool = True, compile: bool = False):
         """model: a fastgpt GPT (any device and dtype it supports), whole or this rank's shard (then every
         rank makes its engine alike; see the module docstring); tokenizer: a fastgpt Tokenizer, or None for
-        token-id prompts only (outputs then have no text)."""
+        token-id prompts only (outputs then have no text). compile: run each step's packed forward through
+        torch.compile (see runner.py; the first steps of each kind pay the compilation)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
         self.device = model.device
         self.tp = _tensor_parallel_group(model)  # None on one device
+        if compile and self.tp is not None:
+            raise ValueError("compile=True compiles the step of one device; it is not supported under tensor "
+                             "parallelism")
         cuda = self.device.type == "cuda"
         self.block_size = _positive_int("block_size", block_size)
         self.max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
@@ -116,7 +120,8 @@ class Engine:
                 device_type=self.device.type, dtype=str(model.dtype), tokenizer=type(tokenizer).__name__))
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size, self.max_num_seqs, cuda_graphs and self.tp is None)
+        self.runner = ModelRunner(model, num_blocks, block_size, self.max_num_seqs, cuda_graphs and self.tp is None,
+                                  compile=compile)
         if cuda and cuda_graphs and self.tp is not None:
             self.runner.graph_error = GRAPHS_OFF_UNDER_TP
         self.generator = torch.Generator(device=self.device)  # unseeded requests share it

@@ -9,7 +9,8 @@ A batch becomes flat tensors, with no padding: the token ids and positions of ev
 (decode rows first), the cache slot of each, each row's block table and cache length after the step,
 and the offsets of the prompt chunks. Logits are computed only for the rows that end at their last
 token (a chunk in the middle of a prompt needs none). A step made only of decodes replays a CUDA graph
-when there is one for its size (cuda_graphs.py).
+when there is one for its size (cuda_graphs.py). With compile=True the forward is torch.compile'd (and
+the CUDA graphs capture the compiled step).
 """
 
 from __future__ import annotations
@@ -34,8 +35,15 @@ def bytes_per_block(model, block_size: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, max_num_seqs: int, cuda_graphs: bool):
+    def __init__(self, model, num_blocks: int, block_size: int, max_num_seqs: int, cuda_graphs: bool,
+                 compile: bool = False):
         cfg = model.config
+        # torch.compile of the packed forward: one graph with dynamic shapes (tokens, rows and table width
+        # change every step), the fastgpt ops as single operators in it (kernels/library.py); a
+        # decode-only step, a step with prompt chunks and one needing every token's logits are three
+        # specialisations of it, compiled once each
+        self.forward = (torch.compile(model.forward_packed, dynamic=True, fullgraph=True) if compile
+                        else model.forward_packed)
         self.model, self.block_size, self.device = model, block_size, model.device
         shape = (cfg.n_layer, num_blocks, block_size, local_heads(model), cfg.head_dim)
         self.k_pages = torch.zeros(shape, dtype=model.dtype, device=self.device)
@@ -47,7 +55,7 @@ class ModelRunner:
         self.graph_error: str | None = None  # why there are no graphs, when they were asked for
         if cuda_graphs and self.device.type == "cuda":
             try:
-                self.graphs = DecodeGraphs(model, max_num_seqs, self.max_blocks_per_seq)
+                self.graphs = DecodeGraphs(model, max_num_seqs, self.max_blocks_per_seq, self.forward)
             except Exception as e:  # e.g. an op that syncs with the host: run eagerly, and say why
                 self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
@@ -86,5 +94,4 @@ class ModelRunner:
             num_decodes=nd,
             cu_seqlens_q=self._tensor(cu, torch.int32) if nd < B else None)
         logits_rows = None if len(rows) == len(ids) else self._tensor(rows, torch.long)
-        return self.model.forward_packed(self._tensor(ids, torch.long), self._tensor(pos, torch.long), paged,
-                                         logits_rows)
+        return self.forward(self._tensor(ids, torch.long), self._tensor(pos, torch.long), paged, logits_rows)

@@ -38,6 +38,13 @@ How each piece is plugged in, and why that way (the facts are transformers 5.24'
   MLP dropout while training is honoured (dropout on the MLP output, then the add). Refused with an
   error: cross-attention, head masks, reorder_and_upcast_attn, a non-tanh GELU.
 
+torch.compile. A patched model compiles whole (``fullgraph=True``; transformers 5.24): the forward, a
+prefill with HF's cache and a decode step over it have no graph break, the fastgpt ops being single
+operators of the graph (kernels/library.py), and a training step compiles whole up to the loss: HF's
+``labels=`` loss (``loss_function``) breaks the graph once in transformers' own code, so compute the
+loss from the logits in the compiled function, or compile without fullgraph. Fallback warnings are not
+raised under torch.compile (they would break the graph); the eager calls raise them.
+
 ``patch_transformers()`` with no model patches every GPT-2 built afterwards (from_pretrained included),
 by hooking GPT2PreTrainedModel.post_init; ``unpatch_transformers()`` with no model removes the hook.
 """
@@ -84,6 +91,10 @@ _warned: set[str] = set()
 
 
 def _warn_once(reason: str, message: str) -> None:
+    # Under torch.compile a warning (and the set it updates) would break the graph: the fallback runs
+    # all the same, silently; an eager call of the same model shows it.
+    if torch.compiler.is_compiling():
+        return
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"fastgpt.patch_transformers: {message}", FallbackWarning, stacklevel=3)
