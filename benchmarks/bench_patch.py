@@ -159,6 +159,14 @@ def _compiled_rows(plan, patched, hf, dtype, backend) -> list[dict]:
     return rows
 
 
+def run_suite(ctx) -> list[dict]:
+    """The ``patch`` suite of ``fastgpt bench`` (benchmarks/cli.py); --model does not apply (random weights
+    of the plan's preset)."""
+    if ctx.model:
+        ctx.notes.append("patch: --model ignored (the suite builds both HF models from a preset's shape)")
+    return run(ctx.device, ctx.dtypes[0], ctx.quick, ctx.smoke, ctx.notes)
+
+
 def _row(model_name, phase, shape, dtype, backend, patched_ms, hf_ms, tokens) -> dict:
     return {"kind": "patch", "model": model_name, "phase": phase, "shape": shape,
             "dtype": str(dtype).replace("torch.", ""), "backend": backend, "patched_ms": patched_ms, "hf_ms": hf_ms,

@@ -523,15 +523,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<date>-<machine>/)")
 
 
-def run(args) -> int:
+def measure(args) -> dict:
+    """Every peer under the workload of args: the results document (rows = each peer and rate's median
+    run, runs = every run, targets, notes), nothing written."""
     import contextlib
-    import datetime
 
     import torch
 
     from benchmarks import report
     from fastgpt import Engine, Tokenizer, default_model_dir
-    from fastgpt.load import atomic_write_text
 
     def log(msg):
         print(f"[bench_serve] {msg}", file=sys.stderr, flush=True)
@@ -605,6 +605,17 @@ def run(args) -> int:
     doc["runs"] = runs
     doc["targets"] = targets(doc["rows"])
     doc["notes"] = notes
+    return doc
+
+
+def run(args) -> int:
+    """measure(args), then the table on stdout and serve.json/.md/.png in the results folder."""
+    import datetime
+
+    from benchmarks import report
+    from fastgpt.load import atomic_write_text
+
+    doc = measure(args)
     machine = report.slug(report.device_name(args.device))
     out_dir = args.out or os.path.join(REPO_ROOT, "benchmarks", "results",
                                        f"{datetime.date.today().isoformat()}-{machine}")
@@ -617,7 +628,27 @@ def run(args) -> int:
     except Exception as e:  # the numbers are on disk already
         log(f"plot failed: {type(e).__name__}: {e}")
     print(f"results in {out_dir}")
-    return 1 if any(r["failed"] for r in runs) else 0
+    return 1 if any(r["failed"] for r in doc["runs"]) else 0
+
+
+def run_suite(ctx) -> list[dict]:
+    """The ``serve`` suite of ``fastgpt bench`` (benchmarks/cli.py): a real server process and the peers
+    at rate inf, this module's default workload; 16 shorter requests with --quick; with --smoke 4 tiny ones
+    against the offline engine only (transformers serve's start-up alone takes tens of seconds). Rate
+    sweeps, repeats and serve.png come from ``python -m benchmarks.bench_serve``."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    argv = ["--device", str(ctx.device)] + (["--model", ctx.model] if ctx.model else [])
+    if ctx.smoke:
+        argv += ["--num-requests", "4", "--prompt-len", "4:16", "--output-len", "2:6", "--peers", "offline"]
+    elif ctx.quick:
+        argv += ["--num-requests", "16", "--prompt-len", "16:64", "--output-len", "16:64"]
+    doc = measure(p.parse_args(argv))
+    ctx.notes += [f"serve: {line}" for line in doc["targets"] + doc["notes"]]
+    failed = sum(r["failed"] for r in doc["runs"])
+    if failed:
+        ctx.errors.append(f"serve: {failed} request(s) failed")
+    return [{**r, "rate_label": _rate_label(r["rate"]), "own_cpu_s": own_cpu_s(r)} for r in doc["rows"]]
 
 
 def main(argv=None) -> int:

@@ -29,6 +29,10 @@ SUITES = {
                  "rank (launches jobs of its own: not in all)", False),
     "engine": ("benchmarks.bench_engine", "random requests through the engine against transformers' continuous "
                "batching and static batches (many minutes on a CPU: not in all)", False),
+    "patch": ("benchmarks.bench_patch", "a transformers GPT-2 patched by fastgpt against unpatched (SDPA): prefill, "
+              "decode, a training step, compiled rows outside --quick on a CPU", True),
+    "serve": ("benchmarks.bench_serve", "fastgpt serve (a real server process) against the offline engine and "
+              "transformers serve, all requests at once (starts servers: not in all)", False),
     "train": ("benchmarks.bench_train", "a training step's tokens/s and peak memory against the reference path "
               "and transformers (gpt2-sized steps take minutes: not in all)", False),
 }

@@ -167,7 +167,7 @@ CHECK_COLUMNS = [("op", "op", ""), ("case", "case", ""), ("dtype", "dtype", ""),
 
 
 KNOWN_KINDS = ("check", "parity", "kernel", "generate", "patch", "decode_position", "cpu_decode", "tp_decode",
-               "dp_train", "engine", "train", "goal", "memory")
+               "dp_train", "engine", "train", "goal", "memory", "serve", "compiled")
 
 
 def generic_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -231,6 +231,12 @@ def render(doc: dict, markdown: bool = False) -> str:
     if patch:
         out.append(h("transformers GPT-2 patched by fastgpt vs unpatched (SDPA), same weights"))
         out.append(format_table(patch, PATCH_COLUMNS, markdown))
+    serve = rows_of(rows, "serve")
+    if serve:
+        from benchmarks.bench_serve import COLUMNS as SERVE_COLUMNS
+
+        out.append(h("Serving: fastgpt serve under load against its peers (times in ms)"))
+        out.append(format_table(serve, SERVE_COLUMNS, markdown))
     compiled = rows_of(rows, "compiled")
     if compiled:
         out.append(h("torch.compile(fullgraph=True) against eager, the same model and inputs"))

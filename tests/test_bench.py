@@ -170,6 +170,28 @@ def test_bench_kernel_suites_missing_or_failing_are_reported(monkeypatch):
     assert errors == ["layer_norm: FAILED: ValueError: out of shared memory"]
 
 
+def test_bench_serve_and_patch_suites_run_through_the_cli(tmp_path, capsys):
+    """`fastgpt bench serve` starts a real server process and measures it against the offline engine on
+    the same requests; `bench patch` times a patched HF GPT-2 against an unpatched one (parity first)."""
+    json_path = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--smoke", "--device", "cpu", "--json", str(json_path)]) == 0
+    doc = json.loads(json_path.read_text())
+    rows = {r["peer"]: r for r in doc["rows"] if r["kind"] == "serve"}
+    assert set(rows) == {"fastgpt serve", "fastgpt offline"}
+    for r in rows.values():
+        assert r["completed"] == 4 and r["failed"] == 0 and r["output_throughput"] > 0
+        assert 4 * 2 <= r["total_output"] <= 4 * 6  # every request made exactly its drawn output length
+    assert rows["fastgpt serve"]["total_output"] == rows["fastgpt offline"]["total_output"]
+    assert any(n.startswith("serve: fastgpt serve / offline engine output tok/s") for n in doc["notes"])
+    assert "Serving: fastgpt serve under load" in capsys.readouterr().out
+
+    json_path = tmp_path / "patch.json"
+    assert main(["bench", "patch", "--smoke", "--device", "cpu", "--json", str(json_path)]) == 0
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [r["ok"] for r in rows if r["kind"] == "parity"] == [True]
+    assert {r["phase"] for r in rows if r["kind"] == "patch"} == {"prefill", "decode", "train"}
+
+
 def test_bench_train_smoke_runs_every_path_on_the_same_weights_and_data(tmp_path, capsys):
     json_path = tmp_path / "train.json"
     assert main(["bench", "train", "--smoke", "--device", "cpu", "--json", str(json_path)]) == 0
