@@ -102,7 +102,12 @@ def make_plan(device, quick: bool, smoke: bool = False, model_path: str | None =
                     position_rep_ms=50.0)
     else:
         plan = Plan(models=["tiny", "gpt2"], batches=[1, 8], prompt_len=128, new_tokens=32, reps=3)
-    plan.compiled_models = tuple(plan.models) if cuda else ("tiny",) if not quick or smoke else ()
+    # compiled rows: on CUDA every model, gpt2 only with --quick (gpu_check's plan: compiling gpt2-xl's 48
+    # layers would take minutes of its budget); on a CPU the tiny model outside --quick
+    if cuda:
+        plan.compiled_models = ("gpt2",) if quick else tuple(plan.models)
+    else:
+        plan.compiled_models = ("tiny",) if not quick or smoke else ()
     if not cuda:
         plan.cpu_decode = (CpuDecodePlan(model="tiny", pairs=1, prompt_len=8, new_tokens=4, step_reps=3) if smoke
                            else CpuDecodePlan(pairs=3 if quick else 5))
