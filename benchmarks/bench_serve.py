@@ -55,6 +55,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 import numpy as np  # noqa: E402
 
+from benchmarks.report import SERVE_COLUMNS  # noqa: E402
 from benchmarks.serve_process import REPO_ROOT, ServerProcess, httpx  # noqa: E402
 
 TARGET_VS_OFFLINE = 0.8
@@ -332,11 +333,7 @@ def offline_row(engine, reqs: list[BenchRequest]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- reporting
-COLUMNS = [("peer", "peer", ""), ("rate", "rate_label", ""), ("conc", "concurrency", "d"), ("ok", "completed", "d"),
-           ("failed", "failed", "d"), ("req/s", "request_throughput", ".2f"), ("out tok/s", "output_throughput", ".1f"),
-           ("TTFT p50", "median_ttft_ms", ".1f"), ("TTFT p99", "p99_ttft_ms", ".1f"),
-           ("TPOT p50", "median_tpot_ms", ".2f"), ("TPOT p99", "p99_tpot_ms", ".2f"),
-           ("ITL p50", "median_itl_ms", ".2f"), ("ITL p99", "p99_itl_ms", ".2f"), ("CPU s", "own_cpu_s", ".1f")]
+COLUMNS = SERVE_COLUMNS  # the report renders serve rows of `fastgpt bench serve` with the same table
 
 
 def own_cpu_s(row: dict) -> float | None:

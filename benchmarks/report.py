@@ -166,8 +166,14 @@ CHECK_COLUMNS = [("op", "op", ""), ("case", "case", ""), ("dtype", "dtype", ""),
                  ("tol", "tol", ".1e"), ("ok", "ok", "")]
 
 
-KNOWN_KINDS = ("check", "parity", "kernel", "generate", "patch", "decode_position", "cpu_decode", "tp_decode",
-               "dp_train", "engine", "train", "goal", "memory", "serve", "compiled")
+SERVE_COLUMNS = [("peer", "peer", ""), ("rate", "rate_label", ""), ("conc", "concurrency", "d"), ("ok", "completed", "d"),
+                 ("failed", "failed", "d"), ("req/s", "request_throughput", ".2f"), ("out tok/s", "output_throughput", ".1f"),
+                 ("TTFT p50", "median_ttft_ms", ".1f"), ("TTFT p99", "p99_ttft_ms", ".1f"),
+                 ("TPOT p50", "median_tpot_ms", ".2f"), ("TPOT p99", "p99_tpot_ms", ".2f"),
+                 ("ITL p50", "median_itl_ms", ".2f"), ("ITL p99", "p99_itl_ms", ".2f"), ("CPU s", "own_cpu_s", ".1f")]
+PARITY_COLUMNS = [("model", "model", ""), ("device", "device", ""), ("dtype", "dtype", ""), ("against", "against", ""),
+                  ("max rel err", "max_err", ".2e"), ("tol", "tol", ".1e"), ("argmax agree", "argmax_agree", ".3f"),
+                  ("ok", "ok", "")]
 
 
 def generic_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -190,6 +196,33 @@ def with_position_ratio(rows: list[dict]) -> list[dict]:
     return out
 
 
+# (kind, title, columns, rows -> rows to show or None), in the order the report shows them; a kind not
+# listed is shown with every field (generic_columns)
+SECTIONS = [
+    ("check", "Correctness: every kernel against its reference", CHECK_COLUMNS, None),
+    ("parity", "Model-level parity", PARITY_COLUMNS, None),
+    ("kernel", "Kernels: ", KERNEL_COLUMNS, None),
+    ("memory", "Peak memory", MEMORY_COLUMNS, None),
+    ("generate", "Generation: tokens/s against transformers on the same weights; decode against the "
+     "weight-streaming floor", GENERATE_COLUMNS, None),
+    ("patch", "transformers GPT-2 patched by fastgpt vs unpatched (SDPA), same weights", PATCH_COLUMNS, None),
+    ("serve", "Serving: fastgpt serve under load against its peers (times in ms)", SERVE_COLUMNS, None),
+    ("compiled", "torch.compile(fullgraph=True) against eager, the same model and inputs", COMPILED_COLUMNS, None),
+    ("decode_position", "Decode cost per token by context length (should stay flat)", POSITION_COLUMNS,
+     with_position_ratio),
+    ("cpu_decode", "CPU batch-1 decode: fastgpt against transformers (medians of interleaved pairs) and the "
+     "weight-streaming floors", CPU_DECODE_COLUMNS, None),
+    ("tp_decode", "Tensor-parallel decode: one step, and its collectives timed alone", TP_DECODE_COLUMNS, None),
+    ("tp_engine", "Tensor-parallel engine: greedy requests through Engine.generate, eager", TP_ENGINE_COLUMNS, None),
+    ("dp_train", "Data-parallel training: tokens/s over all ranks", DP_TRAIN_COLUMNS, None),
+    ("engine", "Engine: continuous batching (benchmarks/bench_engine.py)", ENGINE_COLUMNS, None),
+    ("train", "Training step (forward + backward + AdamW): tokens/s and peak memory, same data", TRAIN_COLUMNS,
+     None),
+    ("goal", "Training goals", GOAL_COLUMNS, None),
+]
+KNOWN_KINDS = tuple(kind for kind, *_ in SECTIONS)
+
+
 def render(doc: dict, markdown: bool = False) -> str:
     """The whole results document as text (stdout) or markdown (results.md)."""
     rows = doc.get("rows", [])
@@ -202,78 +235,15 @@ def render(doc: dict, markdown: bool = False) -> str:
     ceil = doc.get("ceilings") or {}
     out.append("ceilings measured in this run: " + (", ".join(
         f"{k} = {v:.1f}" for k, v in ceil.items()) or "none"))
-    checks = rows_of(rows, "check")
-    if checks:
-        out.append(h("Correctness: every kernel against its reference"))
-        out.append(format_table(checks, CHECK_COLUMNS, markdown))
-    parity = rows_of(rows, "parity")
-    if parity:
-        out.append(h("Model-level parity"))
-        out.append(format_table(parity, [("model", "model", ""), ("device", "device", ""), ("dtype", "dtype", ""),
-                                         ("against", "against", ""), ("max rel err", "max_err", ".2e"),
-                                         ("tol", "tol", ".1e"), ("argmax agree", "argmax_agree", ".3f"),
-                                         ("ok", "ok", "")], markdown))
-    kern = rows_of(rows, "kernel")
-    if kern or doc.get("kernel_label"):
-        out.append(h("Kernels: " + doc.get("kernel_label", "")))
-        if kern:
-            out.append(format_table(kern, KERNEL_COLUMNS, markdown))
-    memory = rows_of(rows, "memory")
-    if memory:
-        out.append(h("Peak memory"))
-        out.append(format_table(memory, MEMORY_COLUMNS, markdown))
-    gen = rows_of(rows, "generate")
-    if gen:
-        out.append(h("Generation: tokens/s against transformers on the same weights; decode against the "
-                     "weight-streaming floor"))
-        out.append(format_table(gen, GENERATE_COLUMNS, markdown))
-    patch = rows_of(rows, "patch")
-    if patch:
-        out.append(h("transformers GPT-2 patched by fastgpt vs unpatched (SDPA), same weights"))
-        out.append(format_table(patch, PATCH_COLUMNS, markdown))
-    serve = rows_of(rows, "serve")
-    if serve:
-        from benchmarks.bench_serve import COLUMNS as SERVE_COLUMNS
-
-        out.append(h("Serving: fastgpt serve under load against its peers (times in ms)"))
-        out.append(format_table(serve, SERVE_COLUMNS, markdown))
-    compiled = rows_of(rows, "compiled")
-    if compiled:
-        out.append(h("torch.compile(fullgraph=True) against eager, the same model and inputs"))
-        out.append(format_table(compiled, COMPILED_COLUMNS, markdown))
-    pos = rows_of(rows, "decode_position")
-    if pos:
-        out.append(h("Decode cost per token by context length (should stay flat)"))
-        out.append(format_table(with_position_ratio(pos), POSITION_COLUMNS, markdown))
-    cpu = rows_of(rows, "cpu_decode")
-    if cpu:
-        out.append(h("CPU batch-1 decode: fastgpt against transformers (medians of interleaved pairs) and the "
-                     "weight-streaming floors"))
-        out.append(format_table(cpu, CPU_DECODE_COLUMNS, markdown))
-    tp = rows_of(rows, "tp_decode")
-    if tp:
-        out.append(h("Tensor-parallel decode: one step, and its collectives timed alone"))
-        out.append(format_table(tp, TP_DECODE_COLUMNS, markdown))
-    tp_engine = rows_of(rows, "tp_engine")
-    if tp_engine:
-        out.append(h("Tensor-parallel engine: greedy requests through Engine.generate, eager"))
-        out.append(format_table(tp_engine, TP_ENGINE_COLUMNS, markdown))
-    dp = rows_of(rows, "dp_train")
-    if dp:
-        out.append(h("Data-parallel training: tokens/s over all ranks"))
-        out.append(format_table(dp, DP_TRAIN_COLUMNS, markdown))
-    engine = rows_of(rows, "engine")
-    if engine:
-        out.append(h("Engine: continuous batching (benchmarks/bench_engine.py)"))
-        out.append(format_table(engine, ENGINE_COLUMNS, markdown))
-    train = rows_of(rows, "train")
-    if train:
-        out.append(h("Training step (forward + backward + AdamW): tokens/s and peak memory, same data"))
-        out.append(format_table(train, TRAIN_COLUMNS, markdown))
-    goal = rows_of(rows, "goal")
-    if goal:
-        out.append(h("Training goals"))
-        out.append(format_table(goal, GOAL_COLUMNS, markdown))
+    for kind, title, columns, prepare in SECTIONS:
+        section = rows_of(rows, kind)
+        if kind == "kernel" and doc.get("kernel_label"):  # the label says which backend, even with no rows
+            title += doc["kernel_label"]
+        elif not section:
+            continue
+        out.append(h(title))
+        if section:
+            out.append(format_table(prepare(section) if prepare else section, columns, markdown))
     for kind in dict.fromkeys(r.get("kind") for r in rows):
         if kind not in KNOWN_KINDS:  # a new suite's rows: every field, until it earns columns of its own
             out.append(h(str(kind)))

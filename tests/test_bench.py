@@ -412,3 +412,16 @@ def test_bench_engine_smoke_through_the_cli(tmp_path, capsys):
     assert "Engine: continuous batching" in out and "fastgpt engine vs transformers static" in out
     assert "engine: 4 requests" in out
     _assert_png(tmp_path / "engine.png")
+
+
+def test_report_shows_every_kind_once_in_its_section():
+    """Each kind the report knows gets its own section, once; a kind it does not know is shown with every
+    field (a tp_engine row once fell into both)."""
+    doc = {**report.environment("cpu"), "ceilings": {},
+           "rows": [{"kind": kind, "model": f"m-{kind}", "decode_ms": 1.0, "batch": 1, "dtype": "float32",
+                     "context": 16} for kind, *_ in report.SECTIONS] + [{"kind": "brand_new", "field": 3.5}]}
+    text = report.render(doc)
+    for kind, title, *_ in report.SECTIONS:
+        assert text.count(f"== {title}") == 1, kind
+        assert f"== {kind} ==" not in text, kind  # not also shown as an unknown kind
+    assert text.count("== brand_new ==") == 1 and "3.5" in text
