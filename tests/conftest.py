@@ -32,6 +32,19 @@ def interpreter_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every floating buffer torch.empty hands out (outputs, split partials, workspaces) starts as NaN, so
+    a kernel that leaves an element unwritten shows it."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

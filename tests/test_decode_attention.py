@@ -17,17 +17,10 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch, request):
-    """Kernels run through Triton, and torch.empty hands out NaN-filled floating buffers."""
+def kernels_on_poisoned_buffers(request, poisoned_empty):
+    """Kernels run through Triton (the interpreter on a CPU), and torch.empty hands out NaN-filled buffers."""
     if KERNEL_DEVICE == "cpu":
         request.getfixturevalue("interpreter_path")
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 def _cache(B, H, T, D, dtype, gen, scale=1.0):
