@@ -525,6 +525,11 @@ CONFIGS_32 = [
 _SMEM_DEFAULT = 227 * 1024  # H100/H200 per-block opt-in limit; an A100 has 163 KB
 
 
+def head_dim_block(head_dim: int) -> int:
+    """The head-dim tile of every attention kernel: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def _config_list(dtype: torch.dtype, aligned: bool) -> list:
     if dtype == torch.float32:
         return CONFIGS_32
@@ -602,7 +607,7 @@ def flash_attention_fwd(q, k, v, *, causal: bool, softmax_scale: float, return_l
     configs = _config_list(q.dtype, aligned)
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, T_q, T_k, float(softmax_scale) * LOG2E)
-    meta = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), IS_CAUSAL=bool(causal),
+    meta = dict(HEAD_DIM=D, BLOCK_D=head_dim_block(D), IS_CAUSAL=bool(causal),
                 STORE_LSE=bool(return_lse), ALIGNED=aligned)
 
     def grid(m):
@@ -770,7 +775,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, *, causal: bool, softmax_scale: flo
     if grads is None:
         grads = (_empty_rows((B, H, T_q, D), q) if need_dq else None, _empty_rows((B, H, T_k, D), q),
                  _empty_rows((B, H, T_k, D), q))
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = head_dim_block(D)
 
     # delta = rowsum(dO * O): a pass over two (Tq, D) tensors, about 4k elements a program
     delta = torch.empty((B, H, T_q), dtype=torch.float32, device=q.device)
@@ -929,7 +934,7 @@ def compile_specs() -> list[KernelSpec]:
             sig[f"stride_{t}d"] = "constexpr" if unit_d or t == "o" else "i32"
         sig.update(H="i32", T_Q="i32", T_K="i32", qk_scale="fp32")
         constexprs = {f"stride_{t}d": 1 for t in "qkvo" if sig[f"stride_{t}d"] == "constexpr"}
-        constexprs.update(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), IS_CAUSAL=causal,
+        constexprs.update(HEAD_DIM=d, BLOCK_D=head_dim_block(d), IS_CAUSAL=causal,
                           STORE_LSE=lse, ALIGNED=aligned, **cfg.kwargs)
         sig.update({name: "constexpr" for name in ("HEAD_DIM", "BLOCK_D", "IS_CAUSAL", "STORE_LSE",
                                                    "ALIGNED", "BLOCK_M", "BLOCK_N")})
@@ -985,7 +990,7 @@ def _backward_compile_specs() -> list[KernelSpec]:
             else:
                 sig[f"stride_{t}d"] = "i32"
         sig.update(H="i32", T_Q="i32", T_K="i32", qk_scale="fp32", sm_scale="fp32")
-        constexprs.update(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), IS_CAUSAL=causal,
+        constexprs.update(HEAD_DIM=d, BLOCK_D=head_dim_block(d), IS_CAUSAL=causal,
                           ALIGNED=aligned, **cfg.kwargs)
         sig.update({name: "constexpr" for name in ("HEAD_DIM", "BLOCK_D", "IS_CAUSAL", "ALIGNED", "BLOCK_M",
                                                    "BLOCK_N")})
@@ -1021,7 +1026,7 @@ def _backward_compile_specs() -> list[KernelSpec]:
             sig[f"stride_{t}d"] = "constexpr" if unit_d or t == "o" else "i32"
         sig.update(H="i32", T_Q="i32", HEAD_DIM="constexpr", BLOCK_D="constexpr", ALIGNED="constexpr",
                    BLOCK_M="constexpr")
-        block_d = max(16, triton.next_power_of_2(d))
+        block_d = head_dim_block(d)
         constexprs = {f"stride_{t}d": 1 for t in ("o", "do") if sig[f"stride_{t}d"] == "constexpr"}
         constexprs.update(HEAD_DIM=d, BLOCK_D=block_d, ALIGNED=aligned, BLOCK_M=max(16, 4096 // block_d))
         name = f"flash_bwd_preprocess D{d} {dtype}" + " unaligned" * (not aligned) + " strided-d" * (not unit_d)

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from kernels._device import sm_count
+from kernels.attention import head_dim_block
 from kernels.compile_report import KernelSpec
 
 
@@ -223,7 +224,7 @@ def decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, *, softmax_scale: f
     Tmax = k_cache.shape[2]
     if Tmax > 2**30:
         raise ValueError(f"k_cache has Tmax={Tmax} positions; at most 2**30 are supported (int32 positions)")
-    d_pad = max(16, triton.next_power_of_2(D))
+    d_pad = head_dim_block(D)
     vec = min(_vec(k_cache), _vec(v_cache))
     block_n, num_warps = _block_config(d_pad, vec)
     n_splits, split_len = _split_plan(B, H, Tmax, block_n, sm_count(q.device), num_splits)
@@ -259,7 +260,7 @@ def compile_specs() -> list[KernelSpec]:
     specs = []
 
     def split_spec(dt, D, vec, direct):
-        d_pad = max(16, triton.next_power_of_2(D))
+        d_pad = head_dim_block(D)
         block_n, warps = _block_config(d_pad, vec)
         mid = f"*{dt}" if direct else "*fp32"  # with one split the launcher passes o as the unused partials
         sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "SeqLens": "*i32", "O": f"*{dt}",
@@ -292,7 +293,7 @@ def compile_specs() -> list[KernelSpec]:
     specs.append(split_spec("fp16", 128, 8, True))
 
     for D in (16, 32, 64, 128):
-        d_pad = max(16, triton.next_power_of_2(D))
+        d_pad = head_dim_block(D)
         sig = {"MidO": "*fp32", "MidLse": "*fp32", "O": "*fp16", "stride_ob": "i32", "stride_oh": "i32",
                "stride_od": "constexpr", "H": "i32", "num_splits": "i32", "HEAD_DIM": "constexpr",
                "D_PAD": "constexpr", "BLOCK_S": "constexpr"}

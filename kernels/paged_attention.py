@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from kernels._device import sm_count
+from kernels.attention import head_dim_block
 from kernels.compile_report import KernelSpec
 from kernels.decode_attention import _MERGE_BLOCK_S, _block_config, _decode_merge_kernel, _split_plan
 
@@ -344,10 +345,6 @@ _BLOCK_B = 128  # sequences per step of the in-kernel search: one step for batch
 _KV_WRITE_ELEMENTS = 4096  # elements of k (and of v) per slot-write program: 16 a thread at 4 warps
 
 
-def _d_pad(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
-
-
 def _vec(*ts: torch.Tensor) -> int:
     """Elements per 16-byte load when every D-run of every tensor starts 16-byte aligned, else 1."""
     vec = 16 // ts[0].element_size()
@@ -386,7 +383,7 @@ def paged_decode_attention_fwd(q, k_pages, v_pages, block_table, cache_seqlens, 
     B, H, _, D = q.shape
     num_blocks, block_size = k_pages.shape[:2]
     t_max = _capacity(k_pages, block_table)
-    d_pad = _d_pad(D)
+    d_pad = head_dim_block(D)
     vec = _vec(k_pages, v_pages)
     block_n, num_warps = _block_config(d_pad, vec)
     n_splits, split_len = _split_plan(B, H, max(t_max, 1), block_n, sm_count(q.device), num_splits)
@@ -462,7 +459,7 @@ def paged_prefill_attention_fwd(q, k_pages, v_pages, block_table, cu_seqlens_q, 
     B = cu_seqlens_q.shape[0] - 1
     num_blocks, block_size = k_pages.shape[:2]
     t_max = _capacity(k_pages, block_table)
-    d_pad = _d_pad(D)
+    d_pad = head_dim_block(D)
     o = torch.empty((total_q, H, D), device=q.device, dtype=q.dtype)
     vec = _vec(q, o, k_pages, v_pages)
     if config is None:
@@ -503,7 +500,7 @@ def paged_kv_write_fwd(k, v, k_pages, v_pages, slot_mapping) -> None:
     if N == 0:
         return
     num_blocks, block_size = k_pages.shape[:2]
-    d_pad = _d_pad(D)
+    d_pad = head_dim_block(D)
     block_h = _kv_write_block_h(H, d_pad)
     slots = slot_mapping if slot_mapping.is_contiguous() else slot_mapping.contiguous()
     if N > 2**31 - 1 or triton.cdiv(H, block_h) > 65535:
@@ -553,7 +550,7 @@ def compile_specs() -> list[KernelSpec]:
     specs = []
 
     def decode_spec(dt, D, vec, direct=False, block_size=16):
-        d_pad = _d_pad(D)
+        d_pad = head_dim_block(D)
         block_n, warps = _block_config(d_pad, vec)
         mid = f"*{dt}" if direct else "*fp32"  # with one split the launcher passes o as the unused partials
         sig, consts = _signature(
@@ -582,7 +579,7 @@ def compile_specs() -> list[KernelSpec]:
             {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "BlockTable": "*i32", "CuSeqlensQ": "*i32",
              "SeqLens": "*i32", "O": f"*{dt}"},
             {"B": "i32", "num_blocks": "i32", "T_max": "i32", "qk_scale": "fp32"},
-            {"HEAD_DIM": D, "D_PAD": _d_pad(D), "BLOCK_M": block_m, "BLOCK_N": block_n,
+            {"HEAD_DIM": D, "D_PAD": head_dim_block(D), "BLOCK_M": block_m, "BLOCK_N": block_n,
              "BLOCK_SIZE": block_size, "BLOCK_B": _BLOCK_B, "VEC": vec})
         # wgmma needs 64 rows per warpgroup: the 16-row tiles use mma.sync (HMMA) on Hopper too,
         # which the prefill test checks itself
@@ -600,7 +597,7 @@ def compile_specs() -> list[KernelSpec]:
     ]
 
     def write_spec(dt, H, D, vec, slot_dtype="i64", block_size=16):
-        d_pad = _d_pad(D)
+        d_pad = head_dim_block(D)
         block_h = _kv_write_block_h(H, d_pad)
         sig, consts = _signature(
             "write",

@@ -15,10 +15,6 @@ from kernels import attention, reference
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-def _block_d(D):
-    return max(16, 1 << (D - 1).bit_length())
-
-
 def _rand(shape, dtype, gen, scale=1.0):
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(KERNEL_DEVICE)
 
@@ -130,7 +126,7 @@ def test_every_config(interpreter_path, name, index, dtype, D, causal):
     Tq, Tk = 130, 257
     q, k, v = _qkv(2, 1, Tq, Tk, D, dtype, seed=index)
     assert attention._aligned(q, k, v, q) == (D % (16 // q.element_size()) == 0)
-    if q.is_cuda and config not in attention._prune(configs, {"T_Q": Tq, "Q": q}, BLOCK_D=_block_d(D)):
+    if q.is_cuda and config not in attention._prune(configs, {"T_Q": Tq, "Q": q}, BLOCK_D=attention.head_dim_block(D)):
         pytest.skip("this GPU lacks the shared memory or registers for this config")
     out, lse = attention.flash_attention_fwd(q, k, v, causal=causal, softmax_scale=D**-0.5, return_lse=True,
                                              config=config)
@@ -227,7 +223,7 @@ def test_bf16_on_gpu(D, causal):
     """bf16 dots are wrong in the interpreter (triton-lang/triton#11584), so bf16 is proven on a GPU."""
     q, k, v = _fused_qkv(2, 257, 3, D, torch.bfloat16, seed=D)
     _check(kernels.flash_attention(q, k, v, causal=causal), q, k, v, causal, D**-0.5)
-    for config in attention._prune(attention.CONFIGS_16, {"T_Q": 257, "Q": q}, BLOCK_D=_block_d(D)):
+    for config in attention._prune(attention.CONFIGS_16, {"T_Q": 257, "Q": q}, BLOCK_D=attention.head_dim_block(D)):
         out = attention.flash_attention_fwd(q, k, v, causal=causal, softmax_scale=D**-0.5, config=config)
         _check(out, q, k, v, causal, D**-0.5)
 

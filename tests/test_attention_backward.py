@@ -19,10 +19,6 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 _reference_attention = reference.flash_attention  # kept: the spy fixture makes the op's own use fail
 
 
-def _block_d(D):
-    return max(16, 1 << (D - 1).bit_length())
-
-
 def _rand(shape, dtype, gen, scale=1.0):
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(KERNEL_DEVICE)
 
@@ -261,7 +257,7 @@ def test_every_backward_config(interpreter_path, kind, index, dtype, D, causal):
     if q.is_cuda:
         for name, config in (("dkdv", dkdv_config), ("dq", dq_config)):
             survivors = attention._bwd_prune(name)(attention._BWD_LISTS[name][kind], {"T_Q": Tq, "T_K": Tk, "Q": q},
-                                                   BLOCK_D=_block_d(D))
+                                                   BLOCK_D=attention.head_dim_block(D))
             if config not in survivors:
                 pytest.skip("this GPU lacks the shared memory or registers for this config")
     o, lse = attention.flash_attention_fwd(q, k, v, causal=causal, softmax_scale=D**-0.5, return_lse=True)
@@ -360,8 +356,8 @@ def test_bf16_backward_on_gpu(D, causal):
     _check_grads([grad[:, :, i].transpose(1, 2) for i in range(3)], q, k, v, do, causal, D**-0.5)
     o, lse = attention.flash_attention_fwd(q, k, v, causal=causal, softmax_scale=D**-0.5, return_lse=True)
     named = {"T_Q": T, "T_K": T, "Q": q}
-    dkdv = attention._bwd_prune("dkdv")(attention.DKDV_CONFIGS_16, named, BLOCK_D=_block_d(D))
-    dq = attention._bwd_prune("dq")(attention.DQ_CONFIGS_16, named, BLOCK_D=_block_d(D))
+    dkdv = attention._bwd_prune("dkdv")(attention.DKDV_CONFIGS_16, named, BLOCK_D=attention.head_dim_block(D))
+    dq = attention._bwd_prune("dq")(attention.DQ_CONFIGS_16, named, BLOCK_D=attention.head_dim_block(D))
     for i in range(max(len(dkdv), len(dq))):
         grads = attention.flash_attention_bwd(do, q, k, v, o, lse, causal=causal, softmax_scale=D**-0.5,
                                               dkdv_config=dkdv[i % len(dkdv)], dq_config=dq[i % len(dq)])
