@@ -24,7 +24,8 @@ included; the offline engine's is this process): on a shared machine those vary 
 
 Peers in the same run, on the same requests and weights: `transformers serve --continuous-batching`
 (needs transformers[serving] and accelerate); fastgpt's offline Engine.generate with all requests at
-once (no HTTP at all: the server's overhead is the gap between it and the server at rate inf). Every
+once (no HTTP at all: the server's overhead is the gap between it and the server at rate inf); with --peers
+thread, fastgpt serve --engine-thread too (the engine on the server's thread, sharing its GIL). Every
 peer gets the same torch thread count (--threads; the default is fastgpt serve's: the cores minus one).
 All peers are started before any is measured and then take turns, --repeats times (the table shows each
 one's median run, serve.json has every run), so a shift in the machine's load falls on all alike.
@@ -56,12 +57,13 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 import numpy as np  # noqa: E402
 
 from benchmarks.report import SERVE_COLUMNS  # noqa: E402
-from benchmarks.serve_process import REPO_ROOT, ServerProcess, httpx  # noqa: E402
+from benchmarks.serve_process import REPO_ROOT, ServerProcess, httpx, process_tree  # noqa: E402
 
 TARGET_VS_OFFLINE = 0.8
 TARGET_VS_TRANSFORMERS = 2.0
 GPU_GOAL_TTFT_MS = 20.0
 GPU_GOAL_TPOT_MS = 5.0
+THREAD_PEER = "fastgpt serve, engine thread"  # --peers thread: the server before its engine had a process
 
 
 # ------------------------------------------------------------------------------------------ workload
@@ -269,13 +271,20 @@ class Served:
 
 
 def process_cpu_s(pid: int | None) -> float | None:
-    """user + system CPU seconds of a process so far (Linux), None when unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, TypeError, ValueError, IndexError):
+    """user + system CPU seconds so far of a process and its descendants (a server's engine process
+    included; Linux), None when unknown."""
+    if pid is None:
         return None
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            if p == pid:
+                return None
+    return total
 
 
 def measure_cpu(fn, pids: dict):
@@ -364,6 +373,11 @@ def targets(rows: list[dict]) -> list[str]:
         ratio = ours["output_throughput"] / offline["output_throughput"]
         lines.append(f"fastgpt serve / offline engine output tok/s = {ratio:.2f} (target >= {TARGET_VS_OFFLINE}): "
                      f"{'met' if ratio >= TARGET_VS_OFFLINE else 'NOT met'}{cpu_ratio(ours, offline)}")
+    threaded = at_inf(THREAD_PEER)
+    if ours and threaded:
+        ratio = ours["output_throughput"] / threaded["output_throughput"]
+        lines.append(f"fastgpt serve (engine process) / {THREAD_PEER} output tok/s = {ratio:.2f}x"
+                     f"{cpu_ratio(ours, threaded)}")
     if ours and hf:
         ratio = ours["output_throughput"] / hf["output_throughput"]
         lines.append(f"fastgpt serve / transformers serve output tok/s = {ratio:.2f}x (target >= "
@@ -511,7 +525,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated req/s; inf = all at once")
     p.add_argument("--max-concurrency", type=int, default=64)
     p.add_argument("--peers", default="transformers,offline",
-                   help="comma-separated peers besides fastgpt serve: transformers, offline, or none")
+                   help="comma-separated peers besides fastgpt serve: transformers, offline, thread (fastgpt "
+                        "serve --engine-thread: the engine on the server's own thread), or none")
     p.add_argument("--threads", type=int, default=None, help="torch threads of every peer (default: cores - 1)")
     p.add_argument("--repeats", type=int, default=1,
                    help="measure each peer and rate this many times, taking turns; the table shows the median")
@@ -537,7 +552,7 @@ def measure(args) -> dict:
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     model_dir = args.model or default_model_dir()
     peers = {p.strip() for p in args.peers.split(",")} - {"none", ""}
-    unknown = peers - {"transformers", "offline"}
+    unknown = peers - {"transformers", "offline", "thread"}
     if unknown:
         raise ValueError(f"--peers: unknown peer(s) {', '.join(sorted(unknown))}")
     if args.repeats < 1:
@@ -567,6 +582,12 @@ def measure(args) -> dict:
             url, pid = server.url, server.pid
         served.append(Served("fastgpt serve", url + "/v1/completions", [fastgpt_body(r, name) for r in reqs],
                              None if args.url else pid))
+        if "thread" in peers:
+            threaded = stack.enter_context(ServerProcess(
+                "--model", model_dir, "--device", args.device, "--threads", str(threads), "--engine-thread",
+                "--served-model-name", name, "--max-num-seqs", str(args.max_num_seqs)))
+            served.append(Served(THREAD_PEER, threaded.url + "/v1/completions",
+                                 [fastgpt_body(r, name) for r in reqs], threaded.pid))
         if "transformers" in peers:
             try:
                 blocks = transformers_cpu_cache_blocks(model_dir, args.max_num_seqs) if args.device == "cpu" else None

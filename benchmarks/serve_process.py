@@ -122,9 +122,29 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (Linux): a server, its engine process, whatever those started."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    """The resident memory of pid and its descendants (the engine process of a server included)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):  # gone meanwhile, or a zombie
+            if p == pid:
+                raise RuntimeError(f"no VmRSS for process {pid}") from None
+    return total

@@ -20,7 +20,7 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from benchmarks.serve_process import ServerProcess, httpx, metrics, rss_bytes  # noqa: E402
+from benchmarks.serve_process import ServerProcess, httpx, metrics, process_tree, rss_bytes  # noqa: E402
 
 MODEL = "fastgpt-test"
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
@@ -551,11 +551,17 @@ def test_an_engine_fault_fails_only_its_requests(offline, reference_path):
 
 
 # ----------------------------------------------------------------------------------- shutdown
-def test_sigterm_drains_in_flight_requests_and_exits_0():
+@pytest.mark.parametrize("engine_where", ["process", "thread"])
+def test_sigterm_drains_in_flight_requests_and_exits_0(engine_where):
+    """Either way the engine runs (its own process, the default, or --engine-thread), SIGTERM lets the
+    stream in flight finish, exits 0, and leaves no engine process behind."""
     import threading
 
-    with ServerProcess("--device", "cpu", "--num-blocks", "64", "--grace-period", "60",
+    extra = ["--engine-thread"] if engine_where == "thread" else []
+    with ServerProcess("--device", "cpu", "--num-blocks", "64", "--grace-period", "60", *extra,
                        env={"FASTGPT_API_KEY": "k"}) as proc:
+        assert len(_engine_pids(proc.pid)) == (1 if engine_where == "process" else 0), proc.log()
+        helpers = process_tree(proc.pid)[1:]  # the engine process, multiprocessing's resource tracker
         url, auth = proc.url, {"authorization": "Bearer k"}
         assert httpx.get(url + "/v1/models").status_code == 401  # the key came from the environment
         result = {}
@@ -582,13 +588,86 @@ def test_sigterm_drains_in_flight_requests_and_exits_0():
         assert tokens > 0 and json.loads(data[-2][6:])["choices"][0]["finish_reason"] == "length"
         with pytest.raises(httpx.TransportError):  # it no longer listens
             httpx.get(url + "/health", timeout=5)
+        assert all(_gone(pid) for pid in helpers)
+
+
+def _engine_pids(server_pid: int) -> list[int]:
+    """The server's engine process (multiprocessing's spawned child; not its resource tracker)."""
+    found = []
+    for pid in process_tree(server_pid)[1:]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def _gone(pid: int, timeout_s: float = 15.0) -> bool:
+    """True once pid has exited (a zombie counts: it runs nothing), waiting up to timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                if any(line.startswith("State:") and "Z" in line.split()[1] for line in f):
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_engine_process_death_fails_its_requests_and_health():
+    """The engine process killed mid-stream: the stream ends with an OpenAI error body and [DONE], /health
+    and new requests get 503 (engine_dead), and the server still exits 0 on SIGTERM."""
+    import signal
+    import threading
+
+    with ServerProcess("--device", "cpu", "--num-blocks", "64") as proc:
+        (engine_pid,) = _engine_pids(proc.pid)
+        first_chunk, lines = threading.Event(), []
+
+        def stream():
+            body = dict(prompt=[0], max_tokens=250, temperature=0, ignore_eos=True, stream=True)
+            with httpx.stream("POST", proc.url + "/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    first_chunk.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert first_chunk.wait(60)
+        os.kill(engine_pid, signal.SIGKILL)
+        t.join(60)
+        data = [line for line in lines if line]
+        assert data[-1] == "data: [DONE]"
+        error = json.loads(data[-2][6:])["error"]
+        assert error["code"] == "engine_error" and "engine process exited" in error["message"]
+        health = httpx.get(proc.url + "/health", timeout=10)
+        assert health.status_code == 503 and health.json()["error"]["code"] == "engine_dead"
+        r = _post(proc.url, "/v1/completions", dict(prompt="hi", max_tokens=2))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        assert proc.terminate(timeout_s=60) == 0, proc.log()
+
+
+def test_a_killed_server_leaves_no_engine_process():
+    """SIGKILL gives the server no chance to stop its engine: the engine process sees its command pipe
+    close and leaves by itself."""
+    with ServerProcess("--device", "cpu", "--num-blocks", "64") as proc:
+        assert len(_engine_pids(proc.pid)) == 1
+        helpers = process_tree(proc.pid)[1:]
+        proc.proc.kill()
+        proc.proc.wait(30)
+        assert all(_gone(pid) for pid in helpers), f"{helpers} outlived their server"
 
 
 # -------------------------------------------------------------------------------------- soak
 @pytest.mark.slow
 def test_soak_disconnects_and_bad_requests_leave_nothing_behind(server):
     """300 requests, 16 at a time: streamed and not, a fifth abandoned mid-stream, a fifth malformed.
-    Afterwards every KV block is free, nothing runs or waits, and the RSS has grown by < 64 MiB."""
+    Afterwards every KV block is free, nothing runs or waits, and the RSS (the server's and its engine
+    process's) has grown by < 64 MiB."""
     import random
 
     rng = random.Random(0)

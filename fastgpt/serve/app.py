@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastgpt.serve import inputs
 from fastgpt.serve.chat import ChatTemplate
 from fastgpt.serve.engine_loop import EngineLoop
+from fastgpt.serve.engine_process import EngineProcess
 from fastgpt.serve.errors import APIError, error_body, from_validation_errors, parse_request
 from fastgpt.serve.generation import Generation
 from fastgpt.serve.metrics import Metrics
@@ -55,16 +56,25 @@ class ServeConfig:
 
 
 class ServeState:
-    """Everything the routes share: the engine loop, the metrics, the config, and whether we are draining."""
+    """Everything the routes share: the engine loop, the metrics, the config, and whether we are draining.
+
+    engine: an Engine, which a thread of this process then runs (EngineLoop), or an EngineProcess, which
+    runs one in a process of its own (engine_process.py); then ``self.engine`` is its EngineFacts."""
 
     def __init__(self, engine, config: ServeConfig, lockstep=None):
+        self.metrics = Metrics(lambda: self.loop.stats, lambda: self.loop.in_flight)
+        on_abort = lambda reason: self.metrics.aborts.labels(reason).inc()  # noqa: E731
+        if isinstance(engine, EngineProcess):
+            if lockstep is not None:
+                raise ValueError("a tensor-parallel engine runs on rank 0's thread, not in an engine process")
+            self.loop, engine = engine, engine.facts
+            self.loop.capacity, self.loop.on_abort = engine.max_num_seqs + config.max_queue, on_abort
+        else:
+            self.loop = EngineLoop(engine, config.max_queue, on_abort=on_abort, lockstep=lockstep)
         if engine.tokenizer is None:
             raise ValueError("the server needs an engine with a tokenizer")
         self.engine, self.config = engine, config
         self.tokenizer = engine.tokenizer
-        self.metrics = Metrics(lambda: self.loop.stats, lambda: self.loop.in_flight)
-        self.loop = EngineLoop(engine, config.max_queue, on_abort=lambda r: self.metrics.aborts.labels(r).inc(),
-                               lockstep=lockstep)
         self.token_strings = TokenStrings(self.tokenizer, engine.config.vocab_size)
         self.draining = False
         self.started = int(time.time())
@@ -72,8 +82,10 @@ class ServeState:
 
 def build_app(engine, config: ServeConfig, lockstep=None):
     """(the ASGI app to serve, its ServeState): the FastAPI app inside the status counter and the gate.
-    lockstep: rank 0's fastgpt.parallel.Lockstep when the engine is tensor-parallel (engine_loop.py)."""
+    engine: an Engine or an EngineProcess (see ServeState). lockstep: rank 0's fastgpt.parallel.Lockstep
+    when the engine is tensor-parallel (engine_loop.py)."""
     state = ServeState(engine, config, lockstep)
+    engine = state.engine  # what the routes read of it: config and limits
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

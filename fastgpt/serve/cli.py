@@ -4,8 +4,10 @@
     fastgpt serve --model gpt2 --device cuda --api-key $KEY --chat-template chat.jinja
     torchrun --nproc-per-node 2 -m fastgpt serve --tp 2 --model gpt2 --device cuda
 
-The socket is bound first (a taken port is an error before the model loads), then the engine is built,
-warmed up with one tiny request, and served until SIGTERM / Ctrl-C (see server.py).
+The socket is bound first (a taken port is an error before the model loads), then the engine is built
+in a process of its own (serve/engine_process.py: the HTTP side and the engine then have a GIL each),
+warmed up with one tiny request, and served until SIGTERM / Ctrl-C (see server.py). --engine-thread
+keeps it on a thread of the server process instead.
 
 With --tp N, under torchrun, every rank loads its shard and builds the same engine; rank 0 binds the
 socket and serves HTTP, the others run the engine in lockstep with it (serve/engine_loop.py) and leave
@@ -56,9 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-period", type=float, default=30.0,
                    help="seconds SIGTERM gives in-flight requests before aborting them")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch's CPU threads (default on CPU: torch's count minus one, so the HTTP side keeps a "
-                        "core: an engine thread that shares every core with the event loop stalls at each "
+                   help="the engine's torch CPU threads (default on CPU: torch's count minus one, so the HTTP side "
+                        "keeps a core: an engine that shares every core with the event loop stalls at each "
                         "parallel region)")
+    p.add_argument("--engine-thread", action="store_true",
+                   help="run the engine on a thread of the server process instead of a process of its own "
+                        "(always so with --tp); they then share one GIL")
     p.add_argument("--tp", type=positive_int, default=1,
                    help="tensor-parallel size: shard the model by heads across this many processes, started with "
                         "torchrun --nproc-per-node N (rank 0 serves HTTP)")
@@ -84,7 +89,7 @@ def run(args) -> int:
     tensor_parallel = args.tp > 1 or world.size > 1
     if tensor_parallel:
         world, _ = parallel.launch_tensor_parallel(args.tp, args.device)
-    sock = None
+    sock = engine = None
 
     def bind_socket():
         nonlocal sock
@@ -99,19 +104,26 @@ def run(args) -> int:
         from fastgpt.serve.app import ServeConfig, build_app
         from fastgpt.serve.chat import load_chat_template
         from fastgpt.serve.engine_loop import follow
+        from fastgpt.serve.engine_process import EngineFacts, EngineProcess, EngineSpec
 
         device = resolve_device(args.device)
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        elif device.type == "cpu":
-            torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+        threads = args.threads
+        if threads is None and device.type == "cpu":
+            threads = max(1, torch.get_num_threads() - 1)
         model_dir = default_model_dir() if args.model is None else resolve_model_dir(args.model)
         template = load_chat_template(model_dir, args.chat_template)
-        engine = Engine.from_pretrained(model_dir, device=args.device if tensor_parallel else device,
-                                        dtype=args.dtype, tp=args.tp, max_num_seqs=args.max_num_seqs,
-                                        num_blocks=args.num_blocks,
-                                        max_num_batched_tokens=args.max_num_batched_tokens)
-        engine.generate([[0, 0]], SamplingParams(max_tokens=2, temperature=0))  # first-call costs, paid now
+        options = dict(max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks,
+                       max_num_batched_tokens=args.max_num_batched_tokens)
+        if tensor_parallel or args.engine_thread:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            engine = Engine.from_pretrained(model_dir, device=args.device if tensor_parallel else device,
+                                            dtype=args.dtype, tp=args.tp, **options)
+            engine.generate([[0, 0]], SamplingParams(max_tokens=2, temperature=0))  # first-call costs, paid now
+            facts = EngineFacts.of(engine)
+        else:
+            engine = EngineProcess(EngineSpec(model_dir, str(device), args.dtype, threads, options, args.log_level))
+            facts = engine.facts
         lockstep = parallel.Lockstep(world) if tensor_parallel else None
         if not world.is_main:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -127,11 +139,11 @@ def run(args) -> int:
                                  max_queue=args.max_queue, chat_template=template)
             app, state = build_app(engine, config, lockstep)
             tp_note = f" x {world.size} ranks (tensor parallel)" if tensor_parallel else ""
-            log.info("model %s (%s%s, %s, %d blocks of %d tokens, %d torch threads), served as %s; "
-                     "chat template: %s; api key: %s", model_dir, engine.device, tp_note,
-                     str(engine.model.dtype).replace("torch.", ""), engine.num_blocks, engine.block_size,
-                     torch.get_num_threads(), ", ".join(names), template.origin if template else "none",
-                     "required" if api_key else "none")
+            where = "this process's engine thread" if isinstance(engine, Engine) else "an engine process"
+            log.info("model %s (%s%s, %s, %d blocks of %d tokens, %d torch threads, in %s), served as %s; "
+                     "chat template: %s; api key: %s", model_dir, facts.device, tp_note, facts.dtype,
+                     facts.num_blocks, facts.block_size, facts.threads, where, ", ".join(names),
+                     template.origin if template else "none", "required" if api_key else "none")
             return serve(app, state, sock, args.grace_period, args.log_level, args.access_log)
         finally:
             if state is not None:
@@ -140,6 +152,8 @@ def run(args) -> int:
             # started), they hear it here
             if lockstep is not None and (state is None or not state.loop.thread_alive):
                 lockstep.close()
+            if state is None and isinstance(engine, EngineProcess):
+                engine.stop()
     finally:
         if sock is not None:
             sock.close()

@@ -71,7 +71,8 @@ async def completion_prompts(prompt, tokenizer, vocab_size: int, n: int, capacit
 
 
 def sampling_params(body, prompt_len: int, engine, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """The engine's SamplingParams for one prompt of this request, or a 400 naming the field at fault."""
+    """The engine's SamplingParams for one prompt of this request, or a 400 naming the field at fault.
+    engine: the Engine, or the EngineFacts of one in another process (engine_process.py)."""
     ctx = engine.config.n_positions
     if prompt_len >= ctx:
         raise APIError(400, f"This model's maximum context length is {ctx} tokens; the prompt has {prompt_len}",
@@ -83,7 +84,7 @@ def sampling_params(body, prompt_len: int, engine, max_tokens: int | None, logpr
                             f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to generate). "
                             "Lower max_tokens or shorten the prompt", param="max_tokens",
                        code="context_length_exceeded")
-    blocks = engine.block_manager.blocks_for(prompt_len + max_tokens - 1)
+    blocks = -(-(prompt_len + max_tokens - 1) // engine.block_size)
     if blocks > engine.num_blocks:
         raise APIError(400, f"max_tokens: the prompt ({prompt_len} tokens) with max_tokens={max_tokens} needs "
                             f"{blocks} KV-cache blocks; the server has {engine.num_blocks}", param="max_tokens")
@@ -104,7 +105,7 @@ def sampling_params(body, prompt_len: int, engine, max_tokens: int | None, logpr
 def prompt_logprobs(engine, ids: list[int], k: int) -> tuple[list, list]:
     """Echo with logprobs: each prompt token's log-probability given the tokens before it and the top k
     alternatives (None for the first token), from one dense forward of the engine's model. Runs on the
-    engine thread (EngineLoop.call), between steps."""
+    engine's thread or process (Frontend.call), between steps."""
     model = engine.model
     logits = model(torch.tensor([ids], device=engine.device))[0, :-1].float()  # (T-1, V): row j predicts ids[j+1]
     lp = torch.log_softmax(logits, dim=-1)

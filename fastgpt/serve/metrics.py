@@ -12,9 +12,9 @@
     fastgpt_time_to_first_token_seconds             arrival of the request -> its first token
     fastgpt_time_per_output_token_seconds           per sample: (last token - first token) / (tokens - 1)
 
-The engine gauges are read when /metrics is scraped, from the stats the engine thread leaves after each
-step. Latencies are measured in the server, from the request's arrival (its body parsed), so they include
-queueing but not the network.
+The engine gauges are read when /metrics is scraped, from the stats the engine (its process or thread)
+sends after each step. Latencies are measured in the server, from the request's arrival (its body
+parsed), so they include queueing but not the network.
 """
 
 from __future__ import annotations
