@@ -17,7 +17,8 @@ In order:
      (benchmarks/bench_parallel.py, quick plan); skipped with a note otherwise;
   7. the engine (benchmarks/bench_engine.py gpu_rows): CUDA-graph replay against eager, gpt2 output
      tokens/s at 256 requests, and the CUDA-graph decode step at batch 1;
-  8. serving: fastgpt serve on a gpt2-shaped model at 64 concurrent streams (benchmarks/bench_serve.py);
+  8. serving: fastgpt serve on a gpt2-shaped model at 64 concurrent streams (benchmarks/bench_serve.py),
+     its engine in a process of its own (spawned, so CUDA starts there, never in a forked child);
   9. a timed training step, gpt2 at 8 x 1024 in bf16 (benchmarks/bench_train.py): fused kernels against
      the PyTorch reference path and transformers, and the issue's goals (listed, not counted as checks).
 The checks include every backward (flash_attention, layer_norm, gelu_mlp, linear_cross_entropy) in each dtype.

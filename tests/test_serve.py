@@ -651,6 +651,26 @@ def test_engine_process_death_fails_its_requests_and_health():
         assert proc.terminate(timeout_s=60) == 0, proc.log()
 
 
+def test_a_corrupt_checkpoint_is_one_line_from_the_engine_process(tmp_path):
+    """The weights load in the engine process; what went wrong there is the CLI's one line, naming the file."""
+    import shutil
+    import subprocess
+    import sys
+
+    from fastgpt import default_model_dir
+
+    broken = tmp_path / "broken"
+    shutil.copytree(default_model_dir(), broken)
+    (broken / "model.safetensors").write_bytes(os.urandom(100))
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-m", "fastgpt", "serve", "--port", "0", "--model", str(broken),
+                        "--device", "cpu"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2  # the CLI's code for a user error
+    errors = [line for line in r.stderr.splitlines() if line.startswith("fastgpt: error:")]
+    assert len(errors) == 1 and str(broken / "model.safetensors") in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_a_killed_server_leaves_no_engine_process():
     """SIGKILL gives the server no chance to stop its engine: the engine process sees its command pipe
     close and leaves by itself."""
@@ -719,6 +739,35 @@ def test_soak_disconnects_and_bad_requests_leave_nothing_behind(server):
 
 
 # ------------------------------------------------------------------------------- in process
+def test_output_deltas_rebuild_every_output(offline, reference_path):
+    """What crosses the engine process's pipe: each step's outputs as deltas (pickled, as the pipe does),
+    rebuilt on the server's side, equal the engine's own cumulative outputs at every step; with n
+    samples that appear after the first token, logprobs, a stop string and a length finish."""
+    import pickle
+
+    from fastgpt import SamplingParams
+    from fastgpt.serve.engine_process import Cumulative, DeltaEncoder
+
+    engine = offline.engine
+    requests = {"a": ([1, 2, 3], SamplingParams(n=2, temperature=0.9, seed=5, max_tokens=12, logprobs=2)),
+                "b": ([4, 5], SamplingParams(temperature=0, max_tokens=9, stop=["\n", " the"])),
+                "c": ([6] * 20, SamplingParams(temperature=0.7, seed=1, max_tokens=5, ignore_eos=True))}
+    encoder, rebuilt, finished = DeltaEncoder(), {}, set()
+    for rid, (ids, params) in requests.items():
+        engine.add_request(rid, ids, params)
+        rebuilt[rid] = Cumulative(rid, ids)
+    steps = 0
+    while engine.has_unfinished_requests():
+        steps += 1
+        for out in engine.step():
+            _, rid, done, deltas = pickle.loads(pickle.dumps(encoder.encode(out)))
+            assert rebuilt[rid].extend(done, deltas) == out
+            if done:
+                finished.add(rid)
+    assert finished == set(requests) and steps > 5
+    assert encoder._sent == {}  # nothing kept for finished requests
+
+
 def test_chat_template_sources_and_sandbox(tmp_path):
     from fastgpt.serve.chat import load_chat_template
     from fastgpt.serve.errors import APIError

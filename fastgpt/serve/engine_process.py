@@ -42,6 +42,7 @@ from fastgpt.serve.engine_loop import EngineDriver, EngineFailure, Frontend
 log = logging.getLogger("fastgpt.serve")
 
 STOP_TIMEOUT_S = 10.0
+MAX_UPDATES_PER_WAKE = 64  # engine steps taken in per callback of the event loop
 
 
 @dataclass
@@ -110,6 +111,10 @@ class EngineProcess(Frontend):
             self._process.join(STOP_TIMEOUT_S)
             raise RuntimeError(f"the engine process exited with code {self._process.exitcode} while it "
                                "started (see the log above)") from None
+        except BaseException:  # e.g. Ctrl-C while the model loads: it ignores SIGINT and SIGTERM
+            self._process.kill()
+            self._process.join(STOP_TIMEOUT_S)
+            raise
         if kind == "error":
             self._process.join(STOP_TIMEOUT_S)
             raise payload
@@ -118,7 +123,7 @@ class EngineProcess(Frontend):
         super().__init__(self.facts.max_num_seqs + max_queue, self.facts.stats, on_abort)
         self._outbox: SimpleQueue = SimpleQueue()
         self._sender = threading.Thread(target=self._send_commands, name="fastgpt-engine-commands", daemon=True)
-        self._outputs: dict[str, _Cumulative] = {}
+        self._outputs: dict[str, Cumulative] = {}
         self._stopping = False
 
     # ---------------------------------------------------------------------------- event-loop side
@@ -133,7 +138,7 @@ class EngineProcess(Frontend):
 
     def submit(self, prompt_ids, params, queue, prefix: str = "req"):
         stream = super().submit(prompt_ids, params, queue, prefix)
-        self._outputs[stream.request_id] = _Cumulative(stream.request_id, prompt_ids)
+        self._outputs[stream.request_id] = Cumulative(stream.request_id, prompt_ids)
         return stream
 
     def _release(self, stream, aborted) -> None:
@@ -177,7 +182,9 @@ class EngineProcess(Frontend):
 
     def _on_readable(self) -> None:
         try:
-            while self._updates.poll():
+            for _ in range(MAX_UPDATES_PER_WAKE):  # then the event loop's other work has its turn
+                if not self._updates.poll():
+                    break
                 kind, *payload = self._updates.recv()
                 if kind == "update":
                     self._apply(*payload)
@@ -217,8 +224,33 @@ class EngineProcess(Frontend):
         self._fail_streams(500, message)
 
 
-class _Cumulative:
-    """One request's output as the server rebuilds it from the engine's deltas."""
+class DeltaEncoder:
+    """The engine side of the output pipe: each RequestOutput as what is new since the last one sent."""
+
+    def __init__(self):
+        self._sent: dict[str, dict[int, tuple[int, int]]] = {}  # request -> sample -> (tokens, characters)
+
+    def encode(self, output: RequestOutput) -> tuple:
+        """("out", request id, finished, [(sample index, new ids, new text, new logprobs, new top
+        logprobs, finish reason)]); forgets the request once it has finished."""
+        marks = self._sent.setdefault(output.request_id, {})
+        deltas = []
+        for c in output.outputs:
+            tokens, chars = marks.get(c.index, (0, 0))
+            deltas.append((c.index, c.token_ids[tokens:], c.text[chars:],
+                           None if c.logprobs is None else c.logprobs[tokens:],
+                           None if c.top_logprobs is None else c.top_logprobs[tokens:], c.finish_reason))
+            marks[c.index] = (len(c.token_ids), len(c.text))
+        if output.finished:
+            del self._sent[output.request_id]
+        return "out", output.request_id, output.finished, deltas
+
+    def forget(self, request_id: str) -> None:
+        self._sent.pop(request_id, None)
+
+
+class Cumulative:
+    """One request's output as the server rebuilds it from the engine's deltas (DeltaEncoder.encode)."""
 
     def __init__(self, request_id: str, prompt_ids: list[int]):
         self.request_id, self.prompt_ids = request_id, prompt_ids
@@ -251,25 +283,15 @@ def run_engine(spec: EngineSpec, commands, updates) -> None:
     updates.send(("ready", EngineFacts.of(engine)))
 
     events: list[tuple] = []
-    sent: dict[str, dict[int, tuple[int, int]]] = {}  # request -> sample -> (tokens, characters) sent
+    deltas = DeltaEncoder()
 
     def deliver(batch) -> None:
         for request_id, item in batch:
             if isinstance(item, EngineFailure):
-                sent.pop(request_id, None)
+                deltas.forget(request_id)
                 events.append(("fail", request_id, item.status, item.message))
-                continue
-            marks = sent.setdefault(request_id, {})
-            deltas = []
-            for c in item.outputs:
-                tokens, chars = marks.get(c.index, (0, 0))
-                deltas.append((c.index, c.token_ids[tokens:], c.text[chars:],
-                               None if c.logprobs is None else c.logprobs[tokens:],
-                               None if c.top_logprobs is None else c.top_logprobs[tokens:], c.finish_reason))
-                marks[c.index] = (len(c.token_ids), len(c.text))
-            events.append(("out", request_id, item.finished, deltas))
-            if item.finished:
-                del sent[request_id]
+            else:
+                events.append(deltas.encode(item))
 
     def settle(token, result, error) -> None:
         try:
@@ -283,7 +305,7 @@ def run_engine(spec: EngineSpec, commands, updates) -> None:
     try:
         while True:
             if commands.poll(0 if engine.has_unfinished_requests() else None):
-                if not _apply_commands(commands, driver, sent):
+                if not _apply_commands(commands, driver, deltas):
                     break
             if engine.has_unfinished_requests():
                 driver.step()
@@ -303,7 +325,7 @@ def run_engine(spec: EngineSpec, commands, updates) -> None:
         driver.abort_all()
 
 
-def _apply_commands(commands, driver: EngineDriver, sent: dict) -> bool:
+def _apply_commands(commands, driver: EngineDriver, deltas: "DeltaEncoder") -> bool:
     """Every command that has arrived, in order; False when one says stop."""
     while True:
         for command in commands.recv():
@@ -311,7 +333,7 @@ def _apply_commands(commands, driver: EngineDriver, sent: dict) -> bool:
                 return False
             driver.apply(command)
             if command[0] == "abort":
-                sent.pop(command[1], None)
+                deltas.forget(command[1])
         if not commands.poll(0):
             return True
 
