@@ -93,8 +93,9 @@ class EngineFacts:
 
 
 class EngineProcess(Frontend):
-    def __init__(self, spec: EngineSpec, max_queue: int = 0, on_abort=None):
-        """Start the engine process and wait until its engine is built (raises what building raised)."""
+    def __init__(self, spec: EngineSpec):
+        """Start the engine process and wait until its engine is built (raises what building raised).
+        Admits max_num_seqs samples until the server sets ``capacity`` (ServeState adds its queue)."""
         from fastgpt import Tokenizer
 
         context = multiprocessing.get_context("spawn")  # never fork a process that may hold torch threads
@@ -120,7 +121,7 @@ class EngineProcess(Frontend):
             raise payload
         self.facts: EngineFacts = payload
         self.facts.tokenizer = Tokenizer.from_pretrained(spec.model_dir)
-        super().__init__(self.facts.max_num_seqs + max_queue, self.facts.stats, on_abort)
+        super().__init__(self.facts.max_num_seqs, self.facts.stats)
         self._outbox: SimpleQueue = SimpleQueue()
         self._sender = threading.Thread(target=self._send_commands, name="fastgpt-engine-commands", daemon=True)
         self._outputs: dict[str, Cumulative] = {}
@@ -311,8 +312,9 @@ def run_engine(spec: EngineSpec, commands, updates) -> None:
                 driver.step()
             stats = engine.stats()
             if events or stats != last_stats:
-                updates.send(("update", events, stats))
-                events, last_stats = [], stats
+                updates.send(("update", events, stats))  # pickled here: the list may be reused
+                events.clear()
+                last_stats = stats
     except (EOFError, OSError):  # the server is gone: nobody to serve
         pass
     except BaseException as e:  # a bug in this loop: the server fails its requests and turns /health red
