@@ -57,7 +57,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 import numpy as np  # noqa: E402
 
 from benchmarks.report import SERVE_COLUMNS  # noqa: E402
-from benchmarks.serve_process import REPO_ROOT, ServerProcess, httpx, process_tree  # noqa: E402
+from benchmarks.serve_process import REPO_ROOT, ServerProcess, httpx, tree_total  # noqa: E402
 
 TARGET_VS_OFFLINE = 0.8
 TARGET_VS_TRANSFORMERS = 2.0
@@ -273,18 +273,13 @@ class Served:
 def process_cpu_s(pid: int | None) -> float | None:
     """user + system CPU seconds so far of a process and its descendants (a server's engine process
     included; Linux), None when unknown."""
-    if pid is None:
-        return None
-    total = 0.0
-    for p in process_tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            if p == pid:
-                return None
-    return total
+    return None if pid is None else tree_total(pid, _cpu_s_one)
+
+
+def _cpu_s_one(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure_cpu(fn, pids: dict):

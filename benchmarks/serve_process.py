@@ -137,14 +137,27 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def rss_bytes(pid: int) -> int:
-    """The resident memory of pid and its descendants (the engine process of a server included)."""
+def tree_total(pid: int, read_one) -> float | None:
+    """read_one(p) summed over pid and its descendants; None when pid itself cannot be read. A descendant
+    that is gone meanwhile (or a zombie, with no memory or stat fields left) counts as nothing."""
     total = 0
     for p in process_tree(pid):
         try:
-            with open(f"/proc/{p}/status") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):  # gone meanwhile, or a zombie
+            total += read_one(p)
+        except (OSError, ValueError, IndexError, StopIteration):
             if p == pid:
-                raise RuntimeError(f"no VmRSS for process {pid}") from None
+                return None
+    return total
+
+
+def _rss_one(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident memory of pid and its descendants (the engine process of a server included)."""
+    total = tree_total(pid, _rss_one)
+    if total is None:
+        raise RuntimeError(f"no VmRSS for process {pid}")
     return total

@@ -63,9 +63,8 @@ class RequestStream:
     """One engine request, seen from the event loop; its outputs arrive in `queue` (which the prompts of
     one HTTP request share) as (stream, RequestOutput or EngineFailure) pairs."""
 
-    def __init__(self, owner: "Frontend", request_id: str, prompt_ids: list[int], slots: int,
-                 queue: asyncio.Queue):
-        self.request_id, self.prompt_ids, self.queue = request_id, prompt_ids, queue
+    def __init__(self, owner: "Frontend", request_id: str, slots: int, queue: asyncio.Queue):
+        self.request_id, self.queue = request_id, queue
         self.finished = False
         self.closed = False
         self._owner, self._slots = owner, slots
@@ -111,7 +110,7 @@ class Frontend:
                            headers={"Retry-After": "1"})
         self.in_flight += params.n
         self._next_id += 1
-        stream = RequestStream(self, f"{prefix}-{self._next_id}", prompt_ids, params.n, queue)
+        stream = RequestStream(self, f"{prefix}-{self._next_id}", params.n, queue)
         self._streams[stream.request_id] = stream
         self._post(("add", stream.request_id, prompt_ids, params))
         return stream

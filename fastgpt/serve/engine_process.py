@@ -295,10 +295,9 @@ def run_engine(spec: EngineSpec, commands, updates) -> None:
                 events.append(deltas.encode(item))
 
     def settle(token, result, error) -> None:
-        try:
-            pickle.dumps((result, error))
-        except Exception as e:
-            result, error = None, RuntimeError(f"the engine's answer could not be sent: {type(e).__name__}: {e}")
+        why = _pickling_error((result, error))
+        if why is not None:
+            result, error = None, RuntimeError(f"the engine's answer could not be sent: {type(why).__name__}: {why}")
         events.append(("result", token, result, error))
 
     driver = EngineDriver(engine, deliver, settle)
@@ -342,8 +341,13 @@ def _apply_commands(commands, driver: EngineDriver, deltas: "DeltaEncoder") -> b
 
 def _portable_error(e: BaseException) -> BaseException:
     """e if it survives pickling (the CLI then prints it as it would its own), else a RuntimeError."""
+    return e if _pickling_error(e) is None else RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def _pickling_error(obj) -> Exception | None:
+    """Why obj cannot cross the pipe (pickled and unpickled again), or None when it can."""
     try:
-        pickle.loads(pickle.dumps(e))
+        pickle.loads(pickle.dumps(obj))
+    except Exception as e:
         return e
-    except Exception:
-        return RuntimeError(f"{type(e).__name__}: {e}")
+    return None
