@@ -28,7 +28,10 @@ fraction of what this machine streams in the same moment. The best single call i
 machine shared with other work, where the medians move with the load (the load average is printed with
 them), the fastest call is one that ran with the cores to itself.
 
-    python -m benchmarks.bench_cpu_matvec [--rounds 7] [--threads 1,2] [--json out.json]
+With --rows M the same products take M rows at once (a decode batch): the rate is still the weight's bytes
+over the time, now shared by M rows; the matrix-vector-only candidates drop out.
+
+    python -m benchmarks.bench_cpu_matvec [--rounds 7] [--threads 1,2] [--rows 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -66,10 +69,14 @@ def _mkl_packed(w, b):
     return lambda x: torch.ops.mkl._mkl_linear(x, packed, w, b, 1)
 
 
+ONE_ROW_ONLY = ("addmv (out,in)", "addmv (in,out)", "embedding_bag/thread")  # matrix-vector products
+
+
 def candidates() -> dict:
-    """name -> factory(w (out, in), b (out,)) -> fn(x (1, in)) -> (1, out). Each factory makes its own
-    storage of w (the layout it reads), so the timing includes nothing but the product. The split ones
-    read the thread count when they are built, as kernels.linear does when it is called."""
+    """name -> factory(w (out, in), b (out,)) -> fn(x (M, in)) -> (M, out); those in ONE_ROW_ONLY take
+    M = 1 only. Each factory makes its own storage of w (the layout it reads), so the timing includes
+    nothing but the product. The split ones read the thread count when they are built, as
+    kernels.linear does when it is called."""
     def linear_out_major(w, b):
         return lambda x: F.linear(x, w, b)
 
@@ -95,12 +102,13 @@ def candidates() -> dict:
         wt = w.t().contiguous()
         s = math.gcd(torch.get_num_threads(), wt.shape[0])
         slices = wt.view(s, wt.shape[0] // s, wt.shape[1])  # (S, in / S, out)
-        return lambda x: torch.bmm(x.view(s, 1, -1), slices).sum(0) + b
+        return lambda x: torch.bmm(x.view(x.shape[0], s, -1).transpose(0, 1), slices).sum(0) + b
 
     def bmm_split_rows(w, b):
         s = math.gcd(torch.get_num_threads(), w.shape[0])
         parts = w.view(s, w.shape[0] // s, w.shape[1])  # (S, out / S, in)
-        return lambda x: torch.bmm(parts, x.t().expand(s, -1, 1)).view(1, -1) + b
+        return lambda x: (torch.bmm(x.expand(s, -1, -1), parts.transpose(1, 2))  # (S, M, out / S)
+                          .transpose(0, 1).reshape(x.shape[0], -1) + b)
 
     def ours_in_major(w, b):
         wt = w.t().contiguous()
@@ -143,7 +151,7 @@ def _call_rates(calls, nbytes: int) -> list[float]:
     return rates
 
 
-def build(out: int, inn: int, stream_bytes: int = STREAM_BYTES, seed: int = 0):
+def build(out: int, inn: int, stream_bytes: int = STREAM_BYTES, seed: int = 0, rows: int = 1):
     """(bytes one call reads, {candidate: one call per copy of the weight, or why it is missing}).
 
     Copies of a random weight (>= stream_bytes in all) for each candidate; a candidate that this build
@@ -152,10 +160,13 @@ def build(out: int, inn: int, stream_bytes: int = STREAM_BYTES, seed: int = 0):
     n_copies = max(1, -(-stream_bytes // (out * inn * 4)))
     ws = [torch.randn(out, inn, generator=g) * inn**-0.5 for _ in range(n_copies)]
     b = torch.randn(out, generator=g) * 0.1
-    x = torch.randn(1, inn, generator=g)
+    x = torch.randn(rows, inn, generator=g)
     want = (x.double() @ ws[0].double().t() + b.double()).float()
     per = {}
     for name, factory in candidates().items():
+        if rows > 1 and name in ONE_ROW_ONLY:
+            per[name] = "one row only"
+            continue
         try:
             fns = [factory(w, b) for w in ws]
             got = fns[0](x)
@@ -169,7 +180,8 @@ def build(out: int, inn: int, stream_bytes: int = STREAM_BYTES, seed: int = 0):
     return out * inn * 4, per
 
 
-def measure(threads: list[int], rounds: int, shapes: dict = GPT2_SHAPES, stream_bytes: int = STREAM_BYTES) -> dict:
+def measure(threads: list[int], rounds: int, shapes: dict = GPT2_SHAPES, stream_bytes: int = STREAM_BYTES,
+            x_rows: int = 1) -> dict:
     """One shape at a time (every candidate keeps its own copies: ~1 GB per shape), rounds interleaving
     the thread counts and candidates, each round with its own copy and read bandwidth."""
     src = torch.randn(stream_bytes // 4)
@@ -180,7 +192,7 @@ def measure(threads: list[int], rounds: int, shapes: dict = GPT2_SHAPES, stream_
     try:
         with torch.inference_mode():
             for label, (out, inn) in shapes.items():
-                nbytes, per = build(out, inn, stream_bytes)
+                nbytes, per = build(out, inn, stream_bytes, rows=x_rows)
                 samples: dict = {}
                 for _ in range(rounds):
                     for n in threads:
@@ -210,7 +222,8 @@ def measure(threads: list[int], rounds: int, shapes: dict = GPT2_SHAPES, stream_
         torch.set_num_threads(previous)
     from benchmarks import report
 
-    return {**report.environment("cpu"), "kind": "cpu_matvec", "rounds": rounds, "threads": threads,
+    return {**report.environment("cpu"), "kind": "cpu_matvec", "x_rows": x_rows, "rounds": rounds,
+            "threads": threads,
             "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
             "bandwidth": {k: statistics.median(v) for k, v in bandwidth.items()}, "rows": rows}
 
@@ -218,7 +231,8 @@ def measure(threads: list[int], rounds: int, shapes: dict = GPT2_SHAPES, stream_
 def format_table(result: dict) -> str:
     lb, la = result["load_avg_before"], result["load_avg_after"]
     lines = [f"{result['device_name']}; torch {result['torch']}; {result['date']}; commit {result['git_commit']}",
-             f"matrix-vector read rate per gpt2 weight shape, fp32, x (1, in); medians of {result['rounds']} "
+             f"weight read rate per gpt2 weight shape, fp32, x ({result.get('x_rows', 1)}, in); "
+             f"medians of {result['rounds']} "
              f"interleaved rounds (best in brackets); load average {lb[0]:.1f} before, {la[0]:.1f} after",
              "  " + "; ".join(f"{k} {v:.1f}" for k, v in result["bandwidth"].items())]
     names = list(dict.fromkeys(r["candidate"] for r in result["rows"]))
@@ -241,10 +255,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_cpu_matvec", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; medians are reported (default 7)")
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (default 1,2)")
+    p.add_argument("--rows", type=int, default=1,
+                   help="rows of x: 1 is batch-1 decode, more a decode batch (default 1)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
-    result = measure(threads, args.rounds)
+    if args.rows < 1:
+        p.error(f"--rows must be >= 1, got {args.rows}")
+    result = measure(threads, args.rounds, x_rows=args.rows)
     print(format_table(result))
     if args.json:
         from fastgpt.load import atomic_write_text

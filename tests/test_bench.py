@@ -385,13 +385,19 @@ def test_cpu_decode_mode_of_the_generate_suite(capsys, monkeypatch):
     assert "weight-streaming floor" in out and "read-only floor" in out
 
 
-def test_cpu_matvec_table_covers_every_candidate():
+@pytest.mark.parametrize("x_rows", [1, 5])
+def test_cpu_matvec_table_covers_every_candidate(x_rows):
     """benchmarks/bench_cpu_matvec.py on small shapes, one round: a rate (or the reason there is none) for
-    every candidate at every thread count, and the environment and load with the numbers."""
+    every candidate at every thread count, and the environment and load with the numbers; with several
+    rows of x, a rate for every candidate that takes them (each checked against float64 first)."""
     from benchmarks import bench_cpu_matvec
 
-    result = bench_cpu_matvec.measure([1, 2], 1, {"a": (256, 96), "odd": (257, 64)}, stream_bytes=1 << 20)
+    result = bench_cpu_matvec.measure([1, 2], 1, {"a": (256, 96), "odd": (257, 64)}, stream_bytes=1 << 20,
+                                      x_rows=x_rows)
     names = set(bench_cpu_matvec.candidates())
+    if x_rows > 1:
+        for r in result["rows"]:
+            assert (r["note"] == "one row only") == (r["candidate"] in bench_cpu_matvec.ONE_ROW_ONLY), r
     assert {"kernels.linear (in,out)", "bmm split-K (in,out)", "F.linear (out,in)"} <= names
     rows = result["rows"]
     assert len(rows) == 2 * 2 * len(names)
@@ -400,7 +406,7 @@ def test_cpu_matvec_table_covers_every_candidate():
     assert not [r for r in rows if r["note"] and r["note"].startswith("wrong result")]
     assert result["load_avg_before"] and result["device_name"] and result["date"]
     table = bench_cpu_matvec.format_table(result)
-    assert "load average" in table and "kernels.linear" in table
+    assert "load average" in table and "kernels.linear" in table and f"x ({x_rows}, in)" in table
 
 
 def test_bench_engine_smoke_through_the_cli(tmp_path, capsys):
