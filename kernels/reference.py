@@ -64,11 +64,15 @@ def linear(x, weight, bias=None) -> torch.Tensor:
     GEMM, one per thread:
       * stored (in, out) (GPT.use_cpu_decode_layout), its input features split (split-K):
             y = sum_s x[:, slice_s] @ weight.T[slice_s]    (rows, in/S) @ (in/S, out) each, then summed;
-      * stored (out, in), its output rows split: y[:, block_s] = x @ weight[block_s].T, one row only
-        (a few rows MKL already threads).
-    See linear_plan for when; everything else is F.linear.
+      * stored (out, in), its output rows split: y[:, block_s] = x @ weight[block_s].T.
+        MKL threads a few rows itself, but slowly: gpt2's mlp.c_proj (768 x 3072) at 4 / 16 / 32 rows
+        took 908 / 1112 / 1470 us through F.linear and 493 / 844 / 1228 us split (2 threads, medians).
+    Two rows and more (decode batches, prefill) multiply faster by a oneDNN-packed copy of the weight,
+    where one was made (prepack_linear_weight). See linear_plan for when; everything else is F.linear.
     """
     how, splits = linear_plan(x, weight, bias)
+    if how == "packed":
+        return _packed_linear(x, weight, bias)
     if how == "split-k":
         return _split_k_linear(x, weight, bias, splits)
     if how == "split-rows":
@@ -86,15 +90,17 @@ _MKL = None  # torch.backends.mkl.is_available(), looked up on first use
 
 
 def linear_plan(x, weight, bias=None) -> tuple[str, int]:
-    """How ``linear`` computes this product: ("split-k", S), ("split-rows", S) or ("f.linear", 1).
+    """How ``linear`` computes this product: ("packed", 1), ("split-k", S), ("split-rows", S) or
+    ("f.linear", 1).
 
-    A split needs: a CPU with more than one intra-op thread; fp32 throughout and no autocast (the float64
-    truth and autocast's casts keep F.linear); a weight of at least SPLIT_MIN_WEIGHT elements whose
-    blocks are contiguous, i.e. stored (in, out) for split-K (up to SPLIT_MAX_ROWS rows) or (out, in) for
-    split-rows (one row); nothing autograd must see; and MKL, whose batched GEMM runs the blocks on
-    separate threads (without it torch.bmm loops over them on one thread, and F.linear is better). S is
-    the greatest common divisor of the thread count and the split dimension (2 for gpt2 on 2 threads),
-    so the blocks are equal."""
+    The packed copy is taken for PACKED_MIN_ROWS rows and more, with fp32 throughout, no autocast and
+    nothing autograd must see, while the weight is what it was when packed. A split needs: a CPU with more
+    than one intra-op thread; fp32 throughout and no autocast (the float64 truth and autocast's casts keep
+    F.linear); up to SPLIT_MAX_ROWS rows; a weight of at least SPLIT_MIN_WEIGHT elements whose blocks are
+    contiguous, i.e. stored (in, out) for split-K or (out, in) for split-rows; nothing autograd must see;
+    and MKL, whose batched GEMM runs the blocks on separate threads (without it torch.bmm loops over them
+    on one thread, and F.linear is better). S is the greatest common divisor of the thread count and the
+    split dimension (2 for gpt2 on 2 threads), so the blocks are equal."""
     global _MKL
     plain = ("f.linear", 1)
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
@@ -103,12 +109,14 @@ def linear_plan(x, weight, bias=None) -> tuple[str, int]:
         return plain
     out_features, in_features = weight.shape
     rows = x.numel() // max(in_features, 1)
-    if rows > SPLIT_MAX_ROWS or weight.numel() < SPLIT_MIN_WEIGHT:
-        return plain
     if bias is not None and bias.dtype != torch.float32:
         return plain
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
+        return plain
+    if rows >= PACKED_MIN_ROWS and _packed_copy(weight) is not None:
+        return ("packed", 1)
+    if rows > SPLIT_MAX_ROWS or weight.numel() < SPLIT_MIN_WEIGHT:
         return plain
     threads = torch.get_num_threads()
     if threads < 2:
@@ -120,7 +128,7 @@ def linear_plan(x, weight, bias=None) -> tuple[str, int]:
     if weight.stride() == (1, out_features):  # (in, out) storage
         splits = math.gcd(threads, in_features)
         return ("split-k", splits) if splits > 1 else plain
-    if weight.stride() == (in_features, 1) and rows == 1:  # (out, in) storage
+    if weight.stride() == (in_features, 1):  # (out, in) storage
         splits = math.gcd(threads, out_features)
         return ("split-rows", splits) if splits > 1 else plain
     return plain
@@ -138,11 +146,75 @@ def _split_k_linear(x, weight, bias, splits: int):
 
 def _split_rows_linear(x, weight, bias, splits: int):
     out_features, in_features = weight.shape
-    row = x.reshape(1, 1, in_features).expand(splits, 1, in_features)  # (S, 1, in), one copy of x read S times
+    x2 = x.reshape(-1, in_features)
+    rows = x2.expand(splits, *x2.shape)  # (S, M, in): one copy of x, read S times
     blocks = weight.view(splits, out_features // splits, in_features)  # (S, out / S, in): no copy
-    y = torch.bmm(row, blocks.transpose(1, 2)).view(out_features)  # (S, 1, out / S) -> (out,)
+    y = torch.bmm(rows, blocks.transpose(1, 2))  # (S, M, out / S)
+    y = y.transpose(0, 1).reshape(x2.shape[0], out_features)  # a view at one row, else one small copy
     if bias is not None:
         y = y + bias
+    return y.view(*x.shape[:-1], out_features)
+
+
+# Prepacked weights. oneDNN reorders a weight once into the blocked layout its GEMM streams, and then
+# multiplies a batch of rows by it faster than MKL's sgemm on the plain tensor, split or not. gpt2's
+# shapes, fp32, 2 threads, every call reading its weight from DRAM, medians (us), plain -> packed:
+#   rows        c_attn          mlp.c_fc         mlp.c_proj        tied head
+#      2       518 -> 438       562 -> 521        627 -> 457       9581 -> 7983
+#     32      1388 -> 748      2106 -> 1035      1738 -> 995      40471 -> 14944
+#    512     12000 -> 9056    19726 -> 12465    14699 -> 11782   502206 -> 247034
+# At one row the splits above stay ahead (c_attn 296 vs 350, the head 5012 vs 6520), so one row keeps them.
+# A oneDNN call costs ~60 us more than F.linear's, so a small weight stays plain (a 192 x 192 one at 8 rows:
+# 16 us plain, 81 packed). oneDNN picks the packed layout for an expected row count: 32 and 512 measured
+# alike.
+PACKED_MIN_ROWS = 2
+PACK_MIN_WEIGHT = 1 << 18  # elements: gpt2's smallest projection has 590k, the bundled model's head 786k
+PACK_ROWS_HINT = 32
+_packed = None  # weight -> (data_ptr, version, shape, stride, packed copy), made on first use
+
+
+def prepack_linear_weight(weight: torch.Tensor) -> bool:
+    """Keep a oneDNN-packed copy of weight (out, in) (CPU, fp32, either storage order) for ``linear`` to
+    multiply PACKED_MIN_ROWS rows and more by. The copy costs the weight's bytes again and lives as long
+    as the weight does; it is used only while the weight is unchanged (an in-place update such as an
+    optimizer step, or a new .data, sends ``linear`` back to the plain weight; pack again to refresh).
+    Returns whether a copy was made: False for anything but a 2-D fp32 CPU tensor of PACK_MIN_WEIGHT
+    elements or more, or where this torch build has no oneDNN."""
+    global _packed
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
+        return False
+    if weight.numel() < PACK_MIN_WEIGHT:
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS_HINT)
+    except (AttributeError, RuntimeError, NotImplementedError):  # a build without these oneDNN ops
+        return False
+    if _packed is None:
+        from torch.utils.weak import WeakIdKeyDictionary  # tensors compare elementwise: key by identity
+
+        _packed = WeakIdKeyDictionary()
+    _packed[weight] = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), packed)
+    return True
+
+
+def _packed_copy(weight: torch.Tensor):
+    """weight's packed copy, or None when it has none or has changed since it was packed."""
+    entry = None if _packed is None else _packed.get(weight)
+    if entry is None:
+        return None
+    ptr, version, shape, stride, packed = entry
+    if (weight.data_ptr(), weight._version, weight.shape, weight.stride()) != (ptr, version, shape, stride):
+        return None
+    return packed
+
+
+def _packed_linear(x, weight, bias):
+    out_features, in_features = weight.shape
+    x2 = x.reshape(-1, in_features).contiguous()
+    y = torch.ops.mkldnn._linear_pointwise(x2, _packed_copy(weight), bias, "none", [], "")
     return y.view(*x.shape[:-1], out_features)
 
 

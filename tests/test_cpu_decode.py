@@ -73,8 +73,8 @@ def _expected_plan(path, how, dim):
 @pytest.mark.parametrize("rows", [1, 7, 64])
 @pytest.mark.parametrize("out_features, in_features", [(2304, 768), (211, 48), (9, 6), (6, 1)])
 def test_linear_matches_float64(matvec_path, rows, out_features, in_features):
-    """Both storage orders, with and without bias, against float64: split-K for an (in, out) weight at
-    every row count, split-rows for an (out, in) one at one row, F.linear otherwise."""
+    """Both storage orders, with and without bias, against float64: split-K for an (in, out) weight,
+    split-rows for an (out, in) one, at every row count up to SPLIT_MAX_ROWS."""
     g = torch.Generator().manual_seed(out_features + in_features + rows)
     w = torch.randn(out_features, in_features, generator=g)
     b = torch.randn(out_features, generator=g)
@@ -89,8 +89,7 @@ def test_linear_matches_float64(matvec_path, rows, out_features, in_features):
             assert max_rel_err(y, ref) <= FP32_REL_TOL
     if in_features > 1:  # a (6, 1) weight is contiguous both ways; which split it takes is immaterial
         assert reference.linear_plan(x, w_in_major, b) == _expected_plan(matvec_path, "split-k", in_features)
-        expected = _expected_plan(matvec_path, "split-rows", out_features) if rows == 1 else ("f.linear", 1)
-        assert reference.linear_plan(x, w, b) == expected
+        assert reference.linear_plan(x, w, b) == _expected_plan(matvec_path, "split-rows", out_features)
 
 
 def test_linear_takes_f_linear_for_many_rows_autograd_and_other_dtypes(matvec_path):
@@ -184,12 +183,90 @@ def test_decode_attention_ragged_rows_keep_the_mask():
     assert max_rel_err(out, _attention_f64(q, k, v, seqlens, 0.3)) <= FP32_REL_TOL
 
 
+# ------------------------------------------------------------------------------------ packed weights
+HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+@pytest.fixture
+def pack_small(monkeypatch, reference_path):
+    """The small test shapes get packed copies too (they stay plain by default: see PACK_MIN_WEIGHT)."""
+    monkeypatch.setattr(reference, "PACK_MIN_WEIGHT", 0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 64, 513])
+@pytest.mark.parametrize("out_features, in_features", [(2304, 768), (211, 48), (9, 6)])
+def test_packed_linear_matches_float64(pack_small, rows, out_features, in_features):
+    """A packed weight, either storage order, with and without bias, on 3-D and non-contiguous x, against
+    float64: two rows and more take the packed copy, one row keeps its split (or F.linear)."""
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(out_features * 7 + rows)
+    w = torch.randn(out_features, in_features, generator=g)
+    b = torch.randn(out_features, generator=g)
+    x = torch.randn(rows, 1, 2 * in_features, generator=g)[..., ::2] * 10  # strided, large magnitudes
+    want = x.double() @ w.double().t() + b.double()
+    for weight in (w.clone(), w.t().contiguous().t()):
+        assert kernels.prepack_linear_weight(weight) == HAS_ONEDNN
+        for bias in (b, None):
+            assert (reference.linear_plan(x, weight, bias)[0] == "packed") == (HAS_ONEDNN and rows >= 2)
+            y = kernels.linear(x, weight, bias)
+            assert y.shape == (rows, 1, out_features) and y.dtype == torch.float32
+            assert max_rel_err(y, want if bias is not None else want - b.double()) <= FP32_REL_TOL
+
+
+@pytest.mark.skipif(not HAS_ONEDNN, reason="this torch build has no oneDNN")
+def test_packed_copy_is_used_only_while_the_weight_is_unchanged(pack_small):
+    """An in-place update or a new .data sends linear back to the plain weight (and the right answer);
+    packing again brings the copy back. Autograd and autocast never take it; the MLP's products do."""
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(48, 64)
+    x = torch.randn(5, 48, generator=g)
+    with torch.no_grad():
+        assert kernels.prepack_linear_weight(lin.weight)
+        assert reference.linear_plan(x, lin.weight, lin.bias) == ("packed", 1)
+        lin.weight.mul_(2.0)  # an optimizer step, say
+        assert reference.linear_plan(x, lin.weight, lin.bias)[0] != "packed"
+        torch.testing.assert_close(kernels.linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
+        assert kernels.prepack_linear_weight(lin.weight)
+        assert reference.linear_plan(x, lin.weight, lin.bias) == ("packed", 1)
+        torch.testing.assert_close(kernels.linear(x, lin.weight, lin.bias), F.linear(x, lin.weight, lin.bias))
+        lin.weight.data = torch.randn(64, 48, generator=g)
+        assert reference.linear_plan(x, lin.weight, lin.bias)[0] != "packed"
+        kernels.prepack_linear_weight(lin.weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert reference.linear_plan(x, lin.weight, lin.bias)[0] != "packed"
+    assert reference.linear_plan(x, lin.weight, lin.bias)[0] != "packed"  # the weight requires grad
+    kernels.linear(x, lin.weight, lin.bias).sum().backward()
+    torch.testing.assert_close(lin.weight.grad, x.sum(0).expand(64, 48))
+    fc, proj = torch.nn.Linear(48, 96), torch.nn.Linear(96, 48)
+    with torch.no_grad():
+        assert kernels.prepack_linear_weight(fc.weight) and kernels.prepack_linear_weight(proj.weight)
+        y = kernels.gelu_mlp(x, fc.weight, fc.bias, proj.weight, proj.bias, residual=x)
+        want = F.linear(F.gelu(F.linear(x.double(), fc.weight.double(), fc.bias.double()), approximate="tanh"),
+                        proj.weight.double(), proj.bias.double()) + x.double()
+    assert max_rel_err(y, want) <= FP32_REL_TOL
+
+
+def test_prepack_refuses_what_it_cannot_pack(reference_path):
+    """Other dtypes, small weights (PACK_MIN_WEIGHT) and non-tensors: nothing packed, or a clear error."""
+    assert not kernels.prepack_linear_weight(torch.randn(768, 768, dtype=torch.float64))
+    assert not kernels.prepack_linear_weight(torch.randn(768, 768, dtype=torch.bfloat16))
+    assert not kernels.prepack_linear_weight(torch.randn(64, 48))  # under PACK_MIN_WEIGHT
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        kernels.prepack_linear_weight(torch.randn(768))
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        kernels.prepack_linear_weight([[1.0]])
+
+
 # --------------------------------------------------------------------------------------- whole decode
+@pytest.mark.parametrize("prepack", [False, True], ids=["plain", "prepacked"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_cpu_decode_layout_gives_the_plain_tokens_and_logits(matvec_path, checkpoint, batch):
+def test_cpu_decode_layout_gives_the_plain_tokens_and_logits(matvec_path, checkpoint, batch, prepack, monkeypatch):
+    monkeypatch.setattr(reference, "PACK_MIN_WEIGHT", 0)
     plain = GPT.from_pretrained(checkpoint, cpu_decode_layout=False)
     fast = GPT.from_pretrained(checkpoint)  # on CPU: use_cpu_decode_layout
     assert any(not p.is_contiguous() for p in fast.parameters())  # the layout did change storage
+    if prepack:  # then a batch's products (prefill, and decode at 3 rows) read the packed copies
+        assert fast.prepack_cpu_weights() == (4 * fast.config.n_layer + 1 if HAS_ONEDNN else 0)
     ids = random_ids(batch, 9, plain.config.vocab_size, seed=batch)
     want_tokens, want_logits = _decode_logits(plain, ids, NEW_TOKENS)
     got_tokens, got_logits = _decode_logits(fast, ids, NEW_TOKENS)

@@ -304,6 +304,27 @@ def test_text_prompts_and_from_pretrained_default_model(reference_path, capsys):
     assert "1/1" in bar and "output tok/s" in bar
 
 
+@pytest.mark.parametrize("prepack", [True, False])
+def test_cpu_engine_prepacks_fp32_weights_and_keeps_the_tokens(reference_path, monkeypatch, tmp_path, prepack):
+    """On CPU the engine gives an fp32 model's projections packed copies (unless told not to), and its
+    steps, all of them batches here, make the tokens GPT.generate makes on each prompt alone."""
+    from kernels import reference
+
+    monkeypatch.setattr(reference, "PACK_MIN_WEIGHT", 0)  # the test model's small weights are packed too
+    path, _ = make_hf_checkpoint(tmp_path, seed=7, vocab_size=VOCAB, n_positions=512)
+    model = GPT.from_pretrained(path)
+    ps = [random_ids(1, n, VOCAB, seed=n)[0].tolist() for n in (5, 40, 97)]
+    want = [model.generate(torch.tensor([p]), 6)[0, len(p):].tolist() for p in ps]
+    engine = Engine(model, num_blocks=64, prepack_weights=prepack)
+    x = torch.randn(2, model.config.n_embd)
+    for w in (model.transformer.h[0].attn.c_attn.weight, model.transformer.h[-1].mlp.c_fc.weight,
+              model.transformer.wte.weight):
+        with torch.no_grad():  # as the engine's steps run
+            packed = reference.linear_plan(x, w)[0] == "packed"
+        assert packed == (prepack and torch.backends.mkldnn.is_available())
+    assert [o.outputs[0].token_ids for o in engine.generate(ps, greedy(6))] == want
+
+
 # ------------------------------------------------------------------------------------ Triton kernels
 def test_greedy_through_the_triton_kernels(interpreter_path, tmp_path):
     """A small mixed batch (prefill chunks beside decodes) through whatever the public ops dispatch to

@@ -36,8 +36,10 @@ def bytes_per_block(model, block_size: int) -> int:
 
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, max_num_seqs: int, cuda_graphs: bool,
-                 compile: bool = False):
+                 compile: bool = False, prepack_weights: bool = True):
         cfg = model.config
+        if prepack_weights and model.device.type == "cpu":  # every step's products have several rows
+            model.prepack_cpu_weights()
         # torch.compile of the packed forward: one graph with dynamic shapes (tokens, rows and table width
         # change every step), the fastgpt ops as single operators in it (kernels/library.py); a
         # decode-only step, a step with prompt chunks and one needing every token's logits are three
