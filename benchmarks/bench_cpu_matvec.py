@@ -17,7 +17,9 @@ head 50257x768), the read rate of each way PyTorch offers to compute x @ W.T (+ 
     input features of an (in, out) weight (split-K, the partial sums added after);
   * kernels.linear itself in both storage orders, which picks among these (on more than one thread
     split-K for (in, out), split rows for (out, in); else F.linear). GPT.use_cpu_decode_layout keeps
-    mlp.c_proj (out, in) and the other four (in, out).
+    mlp.c_proj (out, in) and the other four (in, out). And kernels.linear on a weight given a packed
+    copy (kernels.prepack_linear_weight, as the engine does on CPU): oneDNN's for two rows and more,
+    the splits at one row.
 
 Each product rotates through enough copies of its weight (>= 3x the last-level cache) that every call reads
 from DRAM, as inside a decode step; each candidate's output is checked against float64 first. Every call is
@@ -117,6 +119,13 @@ def candidates() -> dict:
     def ours_out_major(w, b):
         return lambda x: kernels.linear(x, w, b)
 
+    def ours_prepacked(w, b):
+        with torch.inference_mode(False):  # a tensor whose in-place updates are tracked (see prepack)
+            weight = w.clone()  # its own tensor: the packed copy is kept per weight object
+        if not kernels.prepack_linear_weight(weight):
+            raise NotImplementedError("not packed: no oneDNN here, or under kernels.reference.PACK_MIN_WEIGHT")
+        return lambda x: kernels.linear(x, weight, b)
+
     return {
         "F.linear (out,in)": linear_out_major,
         "F.linear (in,out)": linear_in_major,
@@ -129,6 +138,7 @@ def candidates() -> dict:
         "bmm split-K (in,out)": bmm_split_k,
         "kernels.linear (in,out)": ours_in_major,
         "kernels.linear (out,in)": ours_out_major,
+        "kernels.linear prepacked": ours_prepacked,
     }
 
 

@@ -235,7 +235,7 @@ class GPT(nn.Module):
     def prepack_cpu_weights(self) -> int:
         """Give each projection weight (attention in and out, the MLP's two, the tied head) a oneDNN-packed
         copy for the products of two rows and more on a CPU, decode batches and prefill (see
-        kernels.prepack_linear_weight; gpt2 at 32 rows: its linears 1.7-2.0x, the head 2.7x). One row keeps
+        kernels.prepack_linear_weight; gpt2 at 32 rows: its projections 1.4-2.0x, the head 2.0x). One row keeps
         the split products of use_cpu_decode_layout. It costs one more copy of those weights (0.5 GB for
         gpt2 in fp32), kept as long as the model; a copy stops being used once its weight changes
         (training). Does nothing on CUDA or in other dtypes. Returns how many weights were packed."""

@@ -382,10 +382,10 @@ def linear(x, weight, bias=None) -> torch.Tensor:
 # ------------------------------------------------------------------------------- paged KV cache (engine)
 def prepack_linear_weight(weight) -> bool:
     """Give a CPU fp32 weight (out, in) a oneDNN-packed copy that ``linear`` and ``gelu_mlp`` multiply
-    batches of two rows and more by (kernels.reference.prepack_linear_weight: 1.2-2.7x faster for gpt2's
-    shapes at 2-512 rows, for one more copy of the weight in memory). Returns whether a copy was made;
-    False, and nothing done, for a CUDA tensor (cuBLAS needs no packing), another dtype, or a torch built
-    without oneDNN."""
+    batches of two rows and more by (kernels.reference.prepack_linear_weight: for gpt2's shapes about even
+    at 2 rows, 1.4-2.0x faster at 32, 1.1-1.4x at 512; one more copy of the weight in memory). Returns
+    whether a copy was made; False, and nothing done, for a CUDA tensor (cuBLAS needs no packing),
+    another dtype, an inference tensor, or a torch built without oneDNN."""
     _check_tensor("weight", weight, 2, dtypes=None)  # any other dtype: nothing to pack, False
     return reference.prepack_linear_weight(weight)
 

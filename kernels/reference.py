@@ -158,15 +158,16 @@ def _split_rows_linear(x, weight, bias, splits: int):
 
 # Prepacked weights. oneDNN reorders a weight once into the blocked layout its GEMM streams, and then
 # multiplies a batch of rows by it faster than MKL's sgemm on the plain tensor, split or not. gpt2's
-# shapes, fp32, 2 threads, every call reading its weight from DRAM, medians (us), plain -> packed:
-#   rows        c_attn          mlp.c_fc         mlp.c_proj        tied head
-#      2       518 -> 438       562 -> 521        627 -> 457       9581 -> 7983
-#     32      1388 -> 748      2106 -> 1035      1738 -> 995      40471 -> 14944
-#    512     12000 -> 9056    19726 -> 12465    14699 -> 11782   502206 -> 247034
-# At one row the splits above stay ahead (c_attn 296 vs 350, the head 5012 vs 6520), so one row keeps them.
-# A oneDNN call costs ~60 us more than F.linear's, so a small weight stays plain (a 192 x 192 one at 8 rows:
-# 16 us plain, 81 packed). oneDNN picks the packed layout for an expected row count: 32 and 512 measured
-# alike.
+# weights in the model's CPU layout, fp32, 2 threads, each call reading its weight from DRAM, median GB/s
+# of weight read, plain -> packed (python -m benchmarks.bench_cpu_matvec --rows M --threads 2, 2026-12-01):
+#   rows     c_attn      attn.c_proj    mlp.c_fc     mlp.c_proj    tied head
+#      2   16.0 -> 17.2  14.8 -> 15.2  15.6 -> 16.7  16.2 -> 18.7  13.5 -> 21.3
+#     32    5.4 -> 9.3    4.1 -> 7.4    4.4 -> 8.7    4.1 -> 5.7    5.3 -> 10.8
+#    512    0.7 -> 0.8    0.7 -> 0.8    0.6 -> 0.8    0.7 -> 0.8    0.5 -> 0.7
+# At one row the splits above stay ahead (c_attn 296 vs 350 us, the head 5.0 vs 6.5 ms), so one row keeps
+# them. A oneDNN call costs ~60 us more than F.linear's, so a small weight stays plain (a 192 x 192 one at
+# 8 rows: 16 us plain, 81 packed). oneDNN picks the packed layout for an expected row count: 32 and 512
+# measured alike.
 PACKED_MIN_ROWS = 2
 PACK_MIN_WEIGHT = 1 << 18  # elements: gpt2's smallest projection has 590k, the bundled model's head 786k
 PACK_ROWS_HINT = 32
@@ -179,9 +180,12 @@ def prepack_linear_weight(weight: torch.Tensor) -> bool:
     as the weight does; it is used only while the weight is unchanged (an in-place update such as an
     optimizer step, or a new .data, sends ``linear`` back to the plain weight; pack again to refresh).
     Returns whether a copy was made: False for anything but a 2-D fp32 CPU tensor of PACK_MIN_WEIGHT
-    elements or more, or where this torch build has no oneDNN."""
+    elements or more, for an inference tensor (made under torch.inference_mode: its in-place updates are
+    not counted, so a stale copy could not be told), or where this torch build has no oneDNN."""
     global _packed
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
+        return False
+    if weight.is_inference():
         return False
     if weight.numel() < PACK_MIN_WEIGHT:
         return False

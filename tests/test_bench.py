@@ -386,14 +386,18 @@ def test_cpu_decode_mode_of_the_generate_suite(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("x_rows", [1, 5])
-def test_cpu_matvec_table_covers_every_candidate(x_rows):
+def test_cpu_matvec_table_covers_every_candidate(x_rows, monkeypatch):
     """benchmarks/bench_cpu_matvec.py on small shapes, one round: a rate (or the reason there is none) for
     every candidate at every thread count, and the environment and load with the numbers; with several
     rows of x, a rate for every candidate that takes them (each checked against float64 first)."""
     from benchmarks import bench_cpu_matvec
+    from kernels import reference
 
+    monkeypatch.setattr(reference, "PACK_MIN_WEIGHT", 0)  # the small shapes get packed copies too
     result = bench_cpu_matvec.measure([1, 2], 1, {"a": (256, 96), "odd": (257, 64)}, stream_bytes=1 << 20,
                                       x_rows=x_rows)
+    if torch.backends.mkldnn.is_available():
+        assert all(r["gbs"] for r in result["rows"] if r["candidate"] == "kernels.linear prepacked")
     names = set(bench_cpu_matvec.candidates())
     if x_rows > 1:
         for r in result["rows"]:

@@ -251,6 +251,8 @@ def test_prepack_refuses_what_it_cannot_pack(reference_path):
     assert not kernels.prepack_linear_weight(torch.randn(768, 768, dtype=torch.float64))
     assert not kernels.prepack_linear_weight(torch.randn(768, 768, dtype=torch.bfloat16))
     assert not kernels.prepack_linear_weight(torch.randn(64, 48))  # under PACK_MIN_WEIGHT
+    with torch.inference_mode():  # in-place updates of an inference tensor are not counted
+        assert not kernels.prepack_linear_weight(torch.randn(768, 768))
     with pytest.raises(ValueError, match="weight must be 2-D"):
         kernels.prepack_linear_weight(torch.randn(768))
     with pytest.raises(TypeError, match="weight must be a torch.Tensor"):

@@ -19,8 +19,8 @@ Defaults that depend on the device (each can be given instead):
     80% of the memory free once the model is loaded (the rest is headroom for activations, logits and
     the CUDA graphs' pool). Either way at least one full-context sequence fits.
   * prepack_weights: on CPU, the fp32 projection weights get oneDNN-packed copies, which every step's
-    batched products read (gpt2: a 32-row decode step's linears ~1.9x, prefill's ~1.4x), for one more
-    copy of them in memory (0.5 GB for gpt2); nothing on CUDA.
+    batched products read (gpt2: a 32-row decode step's linears and MLPs 2x, prefill steps 1.3-1.4x),
+    for one more copy of them in memory (0.5 GB for gpt2); nothing on CUDA.
 
 Tensor parallelism: give the engine a model sharded by heads across a torchrun launch
 (``Engine.from_pretrained(..., tp=N)`` on every rank, or ``Engine(parallel.load_tensor_parallel(...))``),
