@@ -23,6 +23,8 @@ y only ever feeds a matmul, which would cast it there. The decode and paged atte
 inference and have no backward: a call autograd must see, or one under autocast, takes the reference.
 ``linear_cross_entropy`` on a CPU without the interpreter runs its chunked PyTorch path (the logits
 never exist whole there either); its reference is the materialised F.cross_entropy(x @ weight.T).
+On a CPU, ``prepack_linear_weight`` gives an fp32 weight a oneDNN-packed copy that the reference path of
+``linear`` and ``gelu_mlp`` multiplies batches of rows by (the engine packs its model's on CPU).
 
 The package needs only torch and triton, so it can be used on its own by people who benchmark kernels.
 """
@@ -379,7 +381,6 @@ def linear(x, weight, bias=None) -> torch.Tensor:
     return reference.linear(x, weight, bias)
 
 
-# ------------------------------------------------------------------------------- paged KV cache (engine)
 def prepack_linear_weight(weight) -> bool:
     """Give a CPU fp32 weight (out, in) a oneDNN-packed copy that ``linear`` and ``gelu_mlp`` multiply
     batches of two rows and more by (kernels.reference.prepack_linear_weight: for gpt2's shapes about even
@@ -390,6 +391,7 @@ def prepack_linear_weight(weight) -> bool:
     return reference.prepack_linear_weight(weight)
 
 
+# ------------------------------------------------------------------------------- paged KV cache (engine)
 def _check_pages(q, k_pages, v_pages, block_table, n_rows: int):
     """Shared checks of the paged ops: pages (num_blocks, block_size, H, D) matching q's heads."""
     _check_tensor("k_pages", k_pages, 4)
