@@ -70,9 +70,9 @@ def linear(x, weight, bias=None) -> torch.Tensor:
     Two rows and more (decode batches, prefill) multiply faster by a oneDNN-packed copy of the weight,
     where one was made (prepack_linear_weight). See linear_plan for when; everything else is F.linear.
     """
-    how, splits = linear_plan(x, weight, bias)
+    how, splits, packed = _plan(x, weight, bias)
     if how == "packed":
-        return _packed_linear(x, weight, bias)
+        return _packed_linear(x, weight, bias, packed)
     if how == "split-k":
         return _split_k_linear(x, weight, bias, splits)
     if how == "split-rows":
@@ -101,8 +101,13 @@ def linear_plan(x, weight, bias=None) -> tuple[str, int]:
     and MKL, whose batched GEMM runs the blocks on separate threads (without it torch.bmm loops over them
     on one thread, and F.linear is better). S is the greatest common divisor of the thread count and the
     split dimension (2 for gpt2 on 2 threads), so the blocks are equal."""
+    return _plan(x, weight, bias)[:2]
+
+
+def _plan(x, weight, bias) -> tuple[str, int, torch.Tensor | None]:
+    """linear_plan's answer, and the packed copy when the answer is "packed" (looked up once)."""
     global _MKL
-    plain = ("f.linear", 1)
+    plain = ("f.linear", 1, None)
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return plain
     if torch.is_autocast_enabled("cpu"):  # F.linear casts as autocast says; bmm's partial sums would not
@@ -114,8 +119,9 @@ def linear_plan(x, weight, bias=None) -> tuple[str, int]:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return plain
-    if rows >= PACKED_MIN_ROWS and _packed_copy(weight) is not None:
-        return ("packed", 1)
+    packed = _packed_copy(weight) if rows >= PACKED_MIN_ROWS else None
+    if packed is not None:
+        return ("packed", 1, packed)
     if rows > SPLIT_MAX_ROWS or weight.numel() < SPLIT_MIN_WEIGHT:
         return plain
     threads = torch.get_num_threads()
@@ -127,10 +133,10 @@ def linear_plan(x, weight, bias=None) -> tuple[str, int]:
         return plain
     if weight.stride() == (1, out_features):  # (in, out) storage
         splits = math.gcd(threads, in_features)
-        return ("split-k", splits) if splits > 1 else plain
+        return ("split-k", splits, None) if splits > 1 else plain
     if weight.stride() == (in_features, 1):  # (out, in) storage
         splits = math.gcd(threads, out_features)
-        return ("split-rows", splits) if splits > 1 else plain
+        return ("split-rows", splits, None) if splits > 1 else plain
     return plain
 
 
@@ -215,10 +221,10 @@ def _packed_copy(weight: torch.Tensor):
     return packed
 
 
-def _packed_linear(x, weight, bias):
+def _packed_linear(x, weight, bias, packed):
     out_features, in_features = weight.shape
     x2 = x.reshape(-1, in_features).contiguous()
-    y = torch.ops.mkldnn._linear_pointwise(x2, _packed_copy(weight), bias, "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
     return y.view(*x.shape[:-1], out_features)
 
 
