@@ -239,9 +239,9 @@ class GPT(nn.Module):
         the split products of use_cpu_decode_layout. It costs one more copy of those weights (0.5 GB for
         gpt2 in fp32), kept as long as the model; a copy stops being used once its weight changes
         (training). Does nothing on CUDA or in other dtypes. Returns how many weights were packed."""
-        names = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        projections = CPU_INPUT_MAJOR + ("mlp.c_proj.weight",)  # every weight a linear product reads
         return sum(kernels.prepack_linear_weight(p) for name, p in self.named_parameters()
-                   if name.endswith(names) or name == "transformer.wte.weight")
+                   if name.endswith(projections))
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
